@@ -1,0 +1,1 @@
+"""wd-sok: Wide & Deep with model-parallel embeddings."""
