@@ -23,6 +23,7 @@ from wd_sok.feature_spec import TEST, FeatureSpec, SpecError
 # Merlin warns about GPU-less operation on every import; that is this project's normal CPU mode.
 warnings.filterwarnings("ignore", message=".*(PyTorch|Triton) dtype mappings.*")
 warnings.filterwarnings("ignore", message=".*Compute capability.*")
+warnings.filterwarnings("ignore", message="Initializing an NVTabular Dataset in CPU mode.*")
 
 
 def rank_files(files: list[Path], rank: int, world: int) -> list[Path]:

@@ -1,0 +1,21 @@
+"""wd-sok entry point: train (default), --evaluate or --benchmark; plain or under `horovodrun -np N`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from wd_sok.config import parse_config
+
+    cfg = parse_config(argv)  # before TensorFlow loads: -h and flag errors are instant
+    from wd_sok.run import run
+
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Process group: Horovod when launched under horovodrun (or always, if installed), one process otherwise.
+
+Everything the trainer needs from the collective layer goes through :class:`Runtime`, so the training loop
+reads the same on 1 or N ranks: allreduce of dense gradients and metric sums, broadcast of dense variables,
+allgather of table shards for checkpoints.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+
+class Runtime:
+    """Rank, world size and the few collectives the trainer uses (Horovod underneath when size > 1)."""
+
+    def __init__(self) -> None:
+        try:
+            import horovod.tensorflow as hvd
+        except ImportError:  # plain single-process run without Horovod installed
+            hvd = None
+        self.hvd = hvd
+        if hvd is not None:
+            hvd.init()
+            self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+        else:
+            self.rank, self.size, self.local_rank = 0, 1, 0
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    def allreduce_grads(self, grads: list) -> list:
+        """Sum gradients over ranks (IndexedSlices are allgathered by Horovod); identity on one rank."""
+        if self.size == 1:
+            return grads
+        dense = [i for i, g in enumerate(grads) if not isinstance(g, tf.IndexedSlices)]
+        out = list(grads)
+        if dense:
+            for i, g in zip(dense, self.hvd.grouped_allreduce([grads[i] for i in dense], op=self.hvd.Sum),
+                            strict=True):
+                out[i] = g
+        for i, g in enumerate(grads):
+            if isinstance(g, tf.IndexedSlices):
+                out[i] = self.hvd.allreduce(g, op=self.hvd.Sum, name=f"sparse_grad_{i}")
+        return out
+
+    def sum_host(self, values: np.ndarray, name: str) -> np.ndarray:
+        """Elementwise sum of a host array over ranks (metric counters), float64."""
+        values = np.asarray(values, np.float64)
+        if self.size == 1:
+            return values
+        return self.hvd.allreduce(tf.constant(values), op=self.hvd.Sum, name=name).numpy()
+
+    def min_int(self, value: int, name: str) -> int:
+        if self.size == 1:
+            return int(value)
+        return int(self.hvd.allreduce(tf.constant(int(value), tf.int64), op=self.hvd.Min, name=name).numpy())
+
+    def max_int(self, value: int, name: str) -> int:
+        if self.size == 1:
+            return int(value)
+        return int(self.hvd.allreduce(tf.constant(int(value), tf.int64), op=self.hvd.Max, name=name).numpy())
+
+    def broadcast_variables(self, variables: list[tf.Variable]) -> None:
+        """Copy rank 0's values of ``variables`` (dense weights, optimizer state) to every rank."""
+        if self.size > 1 and variables:
+            self.hvd.broadcast_variables(variables, root_rank=0)
+
+    def allgather(self, tensor: tf.Tensor, name: str) -> tf.Tensor:
+        """Concatenate each rank's tensor along axis 0 (first dims may differ)."""
+        if self.size == 1:
+            return tensor
+        return self.hvd.allgather(tensor, name=name)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.hvd.allreduce(tf.constant(0), name="barrier")

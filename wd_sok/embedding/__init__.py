@@ -1,0 +1,37 @@
+"""Embedding backends behind one seam; :func:`make_embedding` picks one (only ``sok`` imports SOK)."""
+
+from __future__ import annotations
+
+from wd_sok.distributed import Runtime
+from wd_sok.embedding.base import EmbeddingCollection
+from wd_sok.feature_spec import TableConfig
+
+
+def resolve_backend(name: str, world: int, gpu: bool) -> str:
+    """'auto' -> 'sok' with GPUs and SOK importable, else 'sharded' for >1 rank, else 'replicated'."""
+    if name != "auto":
+        return name
+    if gpu:
+        import importlib.util
+
+        if importlib.util.find_spec("sparse_operation_kit") is not None:
+            return "sok"
+    return "sharded" if world > 1 else "replicated"
+
+
+def make_embedding(backend: str, tables: list[TableConfig], initializer: str, seed: int,
+                   prefix: str, runtime: Runtime) -> EmbeddingCollection:
+    """Build the embedding layer of ``backend`` ('replicated', 'sharded' or 'sok') for ``tables``."""
+    if backend == "replicated":
+        from wd_sok.embedding.replicated import ReplicatedEmbedding
+
+        return ReplicatedEmbedding(tables, initializer, seed, prefix)
+    if backend == "sharded":
+        from wd_sok.embedding.sharded import ShardedEmbedding
+
+        return ShardedEmbedding(tables, initializer, seed, prefix, runtime)
+    if backend == "sok":
+        from wd_sok.embedding.sok import SokEmbedding
+
+        return SokEmbedding(tables, initializer, seed, prefix, runtime)
+    raise ValueError(f"unknown embedding backend {backend!r} (replicated, sharded, sok)")

@@ -1,0 +1,61 @@
+"""From a resolved config to a finished run: set up the process, build the trainer, do what was asked."""
+
+from __future__ import annotations
+
+import sys
+
+from wd_sok.config import Config
+from wd_sok.feature_spec import SpecError
+
+
+def run(cfg: Config) -> int:
+    """Train, evaluate or benchmark as ``cfg`` says; returns the process exit code."""
+    import tensorflow as tf
+
+    from wd_sok.checkpoint import CheckpointError
+    from wd_sok.distributed import Runtime
+    from wd_sok.reporting import Reporter
+    from wd_sok.train import Interrupted, Trainer
+
+    runtime = Runtime()
+    _setup_devices(tf, cfg, runtime.local_rank)
+    reporter = Reporter(cfg.results_dir, cfg.log_filename, enabled=runtime.is_chief)
+    try:
+        trainer = Trainer(cfg, runtime, reporter)
+        if cfg.use_checkpoint:
+            trainer.restore()
+        if cfg.benchmark:
+            rate = trainer.benchmark_eval() if cfg.evaluate else trainer.benchmark_train()
+            reporter.info(f"{'validation' if cfg.evaluate else 'train'}_throughput {rate:,.0f} samples/s")
+        elif cfg.evaluate:
+            metrics = trainer.evaluate()
+            reporter.final(metrics)
+        else:
+            metrics = trainer.fit()
+            reporter.final(metrics)
+            reporter.info(f"done: {_summary(metrics)}; logs in {cfg.results_dir}, checkpoints in {cfg.model_dir}")
+    except (SpecError, CheckpointError, ValueError) as e:
+        print(f"wd-sok: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except Interrupted as e:
+        reporter.info(str(e))
+        return 130
+    finally:
+        reporter.close()
+    return 0
+
+
+def _summary(metrics: dict) -> str:
+    names = {"loss_val": "BCE", "auc_roc": "AUC", "streaming_map_val": "MAP@12"}
+    return ", ".join(f"{label} {metrics[k]:.4f}" for k, label in names.items() if k in metrics)
+
+
+def _setup_devices(tf, cfg: Config, local_rank: int) -> None:  # noqa: ANN001 - the tensorflow module
+    """One GPU per process (by local rank), memory growth on; or hide GPUs with --cpu."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if cfg.cpu or not gpus:
+        tf.config.set_visible_devices([], "GPU")
+        return
+    gpu = gpus[local_rank % len(gpus)]
+    tf.config.set_visible_devices([gpu], "GPU")
+    tf.config.experimental.set_memory_growth(gpu, True)

@@ -1,0 +1,247 @@
+"""The training loop: build, (resume), train epoch by epoch with evaluation and checkpoints, or benchmark.
+
+Read top to bottom: :class:`Trainer` builds the model around an embedding backend, ``fit`` runs the epochs,
+``evaluate`` computes BCE / AUC / MAP@12 over all ranks, ``benchmark_*`` time steps. Rank 0 logs and writes.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from wd_sok import checkpoint
+from wd_sok.config import Config
+from wd_sok.data.batch import Batch
+from wd_sok.data.loader import DataLoader
+from wd_sok.distributed import Runtime
+from wd_sok.embedding import make_embedding, resolve_backend
+from wd_sok.feature_spec import TEST, TRAIN, FeatureSpec
+from wd_sok.metrics import StreamingAuc, StreamingBce, StreamingMap, auc_from_counts
+from wd_sok.model import WideDeepModel
+from wd_sok.reporting import Reporter
+from wd_sok.schedule import DeepLrSchedule
+from wd_sok.state import export_state, import_state
+from wd_sok.steps import make_eval_step, make_train_step
+
+
+class Interrupted(Exception):
+    """SIGINT / SIGTERM arrived; a checkpoint was saved."""
+
+
+class Trainer:
+    """Everything one run needs, built from the config and the feature spec."""
+
+    def __init__(self, cfg: Config, runtime: Runtime, logger: Reporter) -> None:
+        self.cfg, self.rt, self.log = cfg, runtime, logger
+        self.spec = FeatureSpec.from_yaml(Path(cfg.dataset_path) / cfg.fspec_file)
+        self.spec.validate(world_size=runtime.size)
+        gpu = bool(tf.config.list_physical_devices("GPU")) and not cfg.cpu
+        self.backend = resolve_backend(cfg.embedding_backend, runtime.size, gpu)
+        if cfg.global_batch_size % runtime.size or cfg.eval_batch_size % runtime.size:
+            raise ValueError(f"--global_batch_size {cfg.global_batch_size} and --eval_batch_size "
+                             f"{cfg.eval_batch_size} must divide evenly over {runtime.size} ranks")
+        self.local_batch = cfg.global_batch_size // runtime.size
+        with_map = cfg.map_calculation_enabled
+        self.train_data = DataLoader(self.spec, TRAIN, self.local_batch, runtime.rank, runtime.size,
+                                     shuffle=True, seed=cfg.seed, drop_last=True)
+        self.eval_data = DataLoader(self.spec, TEST, cfg.eval_batch_size // runtime.size, runtime.rank,
+                                    runtime.size, with_map=with_map)
+        self.steps_per_epoch = runtime.min_int(len(self.train_data), "steps_per_epoch")
+        if self.steps_per_epoch == 0 and not cfg.evaluate:
+            rows = runtime.sum_host(np.array([self.train_data.rows]), "train_rows")[0]
+            raise ValueError(f"--global_batch_size {cfg.global_batch_size} is larger than the training set "
+                             f"({int(rows)} rows over {runtime.size} rank(s)); lower it")
+        dims = self.spec.embedding_dims(cfg.embedding_sizes_file or None)
+        cat = self.spec.categorical
+        wide_tables = self.spec.tables(dict.fromkeys(cat, 1), combiner="sum")
+        deep_tables = self.spec.tables(dims, combiner=cfg.combiner)
+        compute = "float32" if not cfg.amp else ("float16" if gpu else "bfloat16")
+        self.model = WideDeepModel(
+            cat, len(self.spec.numerical),
+            make_embedding(self.backend, wide_tables, "zeros", cfg.seed, "wide", runtime),
+            make_embedding(self.backend, deep_tables, "glorot_normal", cfg.seed, "deep", runtime),
+            cfg.deep_hidden_units, cfg.deep_dropout, compute_dtype=compute, seed=cfg.seed, xla=cfg.xla)
+        self.wide_opt = tf.keras.optimizers.legacy.Ftrl(cfg.linear_learning_rate)
+        self.deep_opt = tf.keras.optimizers.legacy.RMSprop(
+            DeepLrSchedule(steps_per_epoch=max(self.steps_per_epoch, 1), base_lr=cfg.deep_learning_rate,
+                           warmup_epochs=cfg.deep_warmup_epochs, num_epochs=cfg.num_epochs), rho=0.5)
+        self.train_step = make_train_step(self.model, self.wide_opt, self.deep_opt, runtime,
+                                          cfg.global_batch_size, loss_scaling=compute == "float16")
+        self.eval_step = make_eval_step(self.model)
+        self.epoch, self.step_in_epoch = 0, 0
+        self._build()
+
+    # ------------------------------------------------------------------ setup
+    def _build(self) -> None:
+        """Create every variable (one forward pass on a slice of data) and agree on dense weights."""
+        first = next(iter(self.eval_data))
+        self.model(_head(first, 2), training=False)
+        self.rt.broadcast_variables(self.model.dense_variables)
+        self.log.params({"backend": self.backend, "ranks": self.rt.size, "steps_per_epoch": self.steps_per_epoch,
+                         "parameters": self.parameter_count(), **_jsonable(self.cfg)})
+
+    def parameter_count(self) -> int:
+        """Total (global) parameters: whole tables plus dense weights."""
+        tables = [t for e in (self.model.wide_embedding, self.model.deep_embedding) for t in e.tables.values()]
+        return int(sum(t.cardinality * t.dim for t in tables)
+                   + sum(int(np.prod(v.shape)) for v in self.model.named_dense_variables().values()))
+
+    def restore(self, required: bool = True) -> None:
+        """Load the latest checkpoint of model_dir (every rank reads the same file)."""
+        arrays, meta, path = checkpoint.load_latest(self.cfg.model_dir)
+        import_state(self.model, self.wide_opt, self.deep_opt, arrays)
+        self.epoch, self.step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
+        self.log.info(f"restored {path} (epoch {self.epoch}, step {self.global_step})")
+
+    @property
+    def global_step(self) -> int:
+        return int(self.deep_opt.iterations.numpy())
+
+    def save(self) -> None:
+        """Collective: gather whole tables; rank 0 writes the checkpoint atomically."""
+        arrays = export_state(self.model, self.wide_opt, self.deep_opt)
+        if self.rt.is_chief:
+            meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                    "seed": self.cfg.seed, "config": _jsonable(self.cfg), "backend": self.backend,
+                    "ranks": self.rt.size}
+            path = checkpoint.save(self.cfg.model_dir, self.global_step, arrays, meta)
+            self.log.info(f"saved {path}")
+
+    # ------------------------------------------------------------------ training
+    def fit(self) -> dict[str, float]:
+        """Train from (epoch, step_in_epoch) to num_epochs, evaluating and checkpointing every epoch."""
+        cfg, metrics = self.cfg, {}
+        stop = _StopFlag()
+        samples_per_step = self.local_batch * self.rt.size
+        while self.epoch < cfg.num_epochs:
+            self.train_data.set_epoch(self.epoch)
+            t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+            for i, batch in zip(range(self.steps_per_epoch), self.train_data, strict=False):
+                if i < self.step_in_epoch:  # resuming mid-epoch: skip what was already trained on
+                    continue
+                loss_sum += float(self.train_step(batch, tf.constant(self.global_step, tf.int64)))
+                self.step_in_epoch, seen = i + 1, seen + 1
+                if self.step_in_epoch % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                    loss = self.rt.sum_host(np.array([loss_sum, seen]), "train_loss")
+                    rate = seen * samples_per_step / (time.perf_counter() - t0)
+                    self.log.step([self.epoch, self.step_in_epoch], {
+                        "loss": loss[0] / (loss[1] * self.local_batch), "train_throughput": rate,
+                        "deep_lr": float(self.deep_opt._decayed_lr(tf.float32)),  # noqa: SLF001
+                        "eta_s": (self.steps_per_epoch - self.step_in_epoch) * samples_per_step / rate})
+                    loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+                if stop.requested or (cfg.max_steps and self.global_step >= cfg.max_steps):
+                    break
+            if stop.requested:
+                self.save()
+                raise Interrupted(f"signal {stop.signum}: checkpoint saved at epoch {self.epoch} step "
+                                  f"{self.step_in_epoch}")
+            finished_epoch = self.step_in_epoch >= self.steps_per_epoch
+            if finished_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.save()
+            metrics = self.evaluate()
+            self.log.epoch_end(self.epoch, metrics)
+            if not finished_epoch:  # max_steps reached mid-epoch
+                break
+        stop.restore()
+        return metrics
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """BCE, AUC and (exact) MAP@12 over the whole test mapping, summed over ranks."""
+        bce, auc = StreamingBce(), StreamingAuc(self.cfg.num_auc_thresholds)
+        mapk = StreamingMap(k=12) if self.cfg.map_calculation_enabled else None
+        steps = self.rt.max_int(len(self.eval_data), "eval_steps")  # collectives: every rank runs every step
+        batches = iter(self.eval_data)
+        empty = None
+        for _ in range(steps):
+            batch = next(batches, None)
+            if batch is None:
+                batch = empty
+            elif empty is None:
+                empty = _head(batch, 0)
+            probs = self.eval_step(batch).numpy()
+            if probs.size == 0:
+                continue
+            labels = batch.label.numpy()
+            bce.update(probs, labels)
+            auc.update(probs, labels)
+            if mapk is not None:
+                mapk.update(batch.map_ids.numpy(), probs, labels)
+        out = {}
+        b = self.rt.sum_host(bce.sums(), "eval_bce")
+        out["loss_val"] = float(b[0] / max(b[1], 1))
+        out["auc_roc"] = float(auc_from_counts(self.rt.sum_host(auc.counts(), "eval_auc")))
+        if mapk is not None:
+            mapk.finalize()
+            s = self.rt.sum_host(mapk.sums(), "eval_map")
+            out["streaming_map_val"] = float(s[0] / max(s[1], 1))
+            out["map_groups"], out["map_skipped_no_click"], out["map_skipped_multi_click"] = (
+                int(s[1]), int(s[2]), int(s[3]))
+        return out
+
+    # ------------------------------------------------------------------ benchmark
+    def benchmark_train(self) -> float:
+        """Samples/s over benchmark_steps training steps after benchmark_warmup_steps."""
+        cfg, done, t0 = self.cfg, 0, 0.0
+        total = cfg.benchmark_warmup_steps + cfg.benchmark_steps
+        epoch = 0
+        while done < total:
+            self.train_data.set_epoch(epoch)
+            for _, batch in zip(range(self.steps_per_epoch), self.train_data, strict=False):
+                if done == cfg.benchmark_warmup_steps:
+                    t0 = time.perf_counter()
+                self.train_step(batch, tf.constant(done, tf.int64)).numpy()
+                done += 1
+                if done >= total:
+                    break
+            epoch += 1
+        rate = cfg.benchmark_steps * self.local_batch * self.rt.size / (time.perf_counter() - t0)
+        self.log.step([], {"train_throughput": rate})
+        return rate
+
+    def benchmark_eval(self) -> float:
+        """Samples/s of the evaluation forward pass (warm-up batches excluded)."""
+        cfg, done, rows, t0 = self.cfg, 0, 0, 0.0
+        while done < cfg.benchmark_warmup_steps + cfg.benchmark_steps:
+            for batch in self.eval_data:
+                if done == cfg.benchmark_warmup_steps:
+                    t0, rows = time.perf_counter(), 0
+                self.eval_step(batch).numpy()
+                done, rows = done + 1, rows + batch.size
+                if done >= cfg.benchmark_warmup_steps + cfg.benchmark_steps:
+                    break
+        rate = self.rt.sum_host(np.array([rows]), "bench_rows")[0] / (time.perf_counter() - t0)
+        self.log.step([], {"validation_throughput": rate})
+        return float(rate)
+
+
+def _head(batch: Batch, n: int) -> Batch:
+    """The first ``n`` rows of a batch (n=0 gives the empty batch idle ranks feed to collectives)."""
+    return Batch(batch.numerical[:n], {k: v[:n] for k, v in batch.categorical.items()}, batch.label[:n],
+                 None if batch.map_ids is None else batch.map_ids[:n])
+
+
+def _jsonable(cfg: Config) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+class _StopFlag:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step (then it saves and exits)."""
+
+    def __init__(self) -> None:
+        self.requested, self.signum = False, 0
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        self.requested, self.signum = True, signum
+
+    def restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
