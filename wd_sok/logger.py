@@ -107,7 +107,7 @@ class Logger:
         self._file.flush()
 
     def log(self, step: Any, data: dict[str, Any], verbosity: int = 0) -> None:
-        """Log ``data`` (metric name -> value) at ``step`` (e.g. ``[epoch, step]``, ``"PARAMETER"``, ``[]``)."""
+        """Log ``data`` (metric name -> value) at ``step`` (``[epoch, step]``, ``"PARAMETER"``, ``[]``)."""
         if not self.enabled:
             return
         step_j, data_j = to_jsonable(step), to_jsonable(dict(data))

@@ -227,7 +227,8 @@ class StreamingAuc:
         self._counts[:] = 0.0
 
     def update(self, probs: np.ndarray, labels: np.ndarray) -> None:
-        """Add B predictions. ``probs``: float, B elements in [0, 1]; ``labels``: B elements (pos iff > 0.5)."""
+        """Add B predictions. ``probs``: float, B elements in [0, 1]; ``labels``: B elements (pos iff > 0.5).
+        """
         t = self.num_thresholds
         p = _flat("probs", probs, np.float64)
         pos = _flat("labels", labels, np.float64, p.size) > 0.5

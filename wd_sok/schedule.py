@@ -32,7 +32,8 @@ def _phase_bounds(steps_per_epoch: int, warmup_epochs: float, num_epochs: float)
     return warmup_steps, warmup_steps + remaining / 2.0
 
 
-def deep_lr(step: int, steps_per_epoch: int, base_lr: float, warmup_epochs: float, num_epochs: float) -> float:
+def deep_lr(step: int, steps_per_epoch: int, base_lr: float, warmup_epochs: float,
+            num_epochs: float) -> float:
     """Deep-part learning rate at global ``step`` (0-based optimizer iterations); see the module docstring."""
     warmup_steps, eighth_from = _phase_bounds(steps_per_epoch, warmup_epochs, num_epochs)
     if step < warmup_steps:

@@ -76,7 +76,7 @@ def generate(out_dir: str | Path, displays: int = 3000, seed: int = 0, promoted_
     n_docs = max(300, displays // 2)
     n_ads = max(150, displays // 2)
     docs = np.sort(rng.choice(np.arange(1, 3_000_000), size=n_docs, replace=False))
-    doc_pop = rng.zipf(1.6, size=n_docs).astype(np.float64)
+    doc_pop = rng.lognormal(0.0, 1.2, size=n_docs)
     doc_pop /= doc_pop.sum()
 
     # ads -> promoted documents, campaigns, advertisers
@@ -85,7 +85,7 @@ def generate(out_dir: str | Path, displays: int = 3000, seed: int = 0, promoted_
     campaigns = advertisers * 7 + rng.integers(0, 5, size=n_ads)
     ad_docs = rng.choice(docs, size=n_ads)
     quality = rng.lognormal(0.0, 0.8, size=n_ads)
-    ad_pop = rng.zipf(1.5, size=n_ads).astype(np.float64)
+    ad_pop = rng.lognormal(0.0, 1.0, size=n_ads)
     ad_pop /= ad_pop.sum()
 
     # events: numbered in time order
@@ -99,11 +99,11 @@ def generate(out_dir: str | Path, displays: int = 3000, seed: int = 0, promoted_
     # side tables over all documents
     topics = _doc_terms(rng, docs, np.arange(300), 5).rename(columns={"term": "topic_id"})
     entities = _doc_terms(rng, docs, _hex(rng, max(500, n_docs), 32), 4).rename(columns={"term": "entity_id"})
-    categories = _doc_terms(rng, docs, np.arange(1000, 2100, 11), 2).rename(columns={"term": "category_id"})
+    categories = _doc_terms(rng, docs, np.arange(1000, 2100, 11), 3).rename(columns={"term": "category_id"})
 
     # clicks: k ads per display (distinct), one click by quality x topic overlap (Gumbel-max)
     k = rng.integers(2, 13, size=displays)
-    cand = pd.DataFrame({"display_id": np.repeat(display_ids, k + 4)})
+    cand = pd.DataFrame({"display_id": np.repeat(display_ids, k + 6)})
     cand["ad"] = rng.choice(n_ads, size=len(cand), p=ad_pop)
     cand = cand.drop_duplicates(["display_id", "ad"])
     cand = cand[cand.groupby("display_id").cumcount().to_numpy() < k[cand["display_id"].to_numpy() - 1]]

@@ -1,0 +1,32 @@
+# wd-sok: the README's commands. `make demo` and `make test` set up .venv on first use.
+PY      := .venv/bin/python
+DEMO    := demo_data
+SPEC    := data/outbrain_feature_spec.yaml
+DEMO_ARGS ?= --num_epochs 2 --global_batch_size 4096 --eval_batch_size 16384 --deep_warmup_epochs 0.5 \
+             --deep_learning_rate 0.001 --log_every 10
+
+.PHONY: setup demo test lint bench-quick clean-demo
+
+setup:
+	@bash scripts/setup_env.sh
+
+$(DEMO)/feature_spec.yaml: $(SPEC) wd_sok/tools/generate.py | setup
+	$(PY) -m wd_sok.tools.generate --feature_spec_in $(SPEC) --output $(DEMO) \
+	    --train_rows 200000 --test_rows 50000 --train_files 4 --test_files 2 --seed 0
+
+demo: setup $(DEMO)/feature_spec.yaml
+	$(PY) main.py --dataset_path $(DEMO) --model_dir runs/demo/checkpoints --results_dir runs/demo/results \
+	    $(DEMO_ARGS)
+	@echo "Bayes-optimal reference for this data: $$(cat $(DEMO)/generator_report.json)"
+
+test: setup
+	$(PY) -m pytest tests/ -q -ra
+
+lint: setup
+	.venv/bin/ruff check wd_sok tests main.py benchmarks scripts
+
+bench-quick: setup
+	$(PY) benchmarks/bench_quick.py
+
+clean-demo:
+	rm -rf $(DEMO) runs/demo
