@@ -46,7 +46,7 @@ def import_state(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer,
             if key not in arrays:
                 raise KeyError(f"checkpoint has no table '{key}' (was it written for another feature spec?)")
             tables[key] = {"value": arrays[key]}
-            tables[key].update({s: arrays[f"{key}:{s}"] for s in slot_names(opt) if f"{key}:{s}" in arrays})
+            tables[key].update({k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{key}:")})
         emb.import_tables(tables, opt)
     wide_ids = {id(v) for v in model.wide_variables}
     named = model.named_dense_variables()

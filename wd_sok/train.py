@@ -145,7 +145,7 @@ class Trainer:
             self.save()
             metrics = self.evaluate()
             self.log.epoch_end(self.epoch, metrics)
-            if not finished_epoch:  # max_steps reached mid-epoch
+            if cfg.max_steps and self.global_step >= cfg.max_steps:
                 break
         stop.restore()
         return metrics

@@ -45,4 +45,5 @@ class ReplicatedEmbedding(EmbeddingCollection):
             entry = tables[f"{self.prefix}/{name}"]
             var.assign(entry["value"])
             for slot in slot_names(optimizer):
-                optimizer.get_slot(var, slot).assign(entry[slot])
+                if slot in entry:  # absent when the checkpoint was written before the first step
+                    optimizer.get_slot(var, slot).assign(entry[slot])

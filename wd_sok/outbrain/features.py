@@ -16,10 +16,11 @@ Output dataset (one row per ``clicks_train.csv`` row):
   first turned into integers with :func:`string_ids` (pandas' SipHash, fixed key, lowest 52 bits).
 * 3 multi-hot lists (list<int32>, 1..3 ids, ``max_hotness`` 3): the display document's topics / entities /
   categories with the 3 highest ``confidence_level`` (ties: smaller raw id first), most confident first.
-  Ids come from an NVTabular ``Categorify`` fit on the train split (``max_size`` = cardinality, so the
-  ``cardinality - 3`` most frequent train values get ids ``3..cardinality-1``; rarer or unseen values get
-  the out-of-vocabulary id 2). A document with no rows in the table (or a missing table) gets ``[0]``:
-  id 0 is reserved for "unknown" and is never a real value, so the model sees one "unknown" embedding.
+  Ids come from a vocabulary fit on the train split (:class:`wd_sok.outbrain.workflow.TrainVocabulary`,
+  shared by a feature's 3 slots): the ``cardinality - 2`` most frequent train values get ids
+  ``2 .. cardinality-1`` (by count descending, ties by smaller value); rarer or unseen values get the
+  out-of-vocabulary id 1. A document with no rows in the table (or a missing table) gets ``[0]``: id 0 is
+  reserved for "unknown" and is never a real value, so the model sees one "unknown" embedding.
 * 13 numerical features (float32):
 
   - ``document_id_document_id_promo_sim_{categories,topics,entities}``: tf-idf cosine similarity of the
@@ -83,10 +84,10 @@ CTR_THRESHOLDS: dict[str, int] = {"ad_id": 5, "document_id_promo": 5, "source_id
 TIMESTAMP_DELTA_MS = 1465876799998
 MS_PER_DAY = 86_400_000
 MAX_DAYS = 3650
-# Categorify's reserved ids (NVTabular 23.08): 0 padding (we use it for "unknown"), 1 null, 2 OOV
+# reserved ids: 0 "unknown" (missing value / no side-table data); multi-hot: 1 out-of-vocabulary, 2.. vocabulary
 UNKNOWN_ID = 0
-CATEGORIFY_NULL_ID = 1
-CATEGORIFY_OOV_ID = 2
+OOV_ID = 1
+FIRST_VOCAB_ID = 2
 # split rule: train iff day <= TRAIN_MAX_DAY and display_uniform(display_id, seed) > TEST_FRACTION
 TRAIN_MAX_DAY = 10
 TEST_FRACTION = 0.2
@@ -200,6 +201,21 @@ def ctr_with_threshold(clicks: Any, views: Any, threshold: int) -> np.ndarray:
     c, v = as_float(clicks), as_float(views)
     ok = np.isfinite(c) & np.isfinite(v) & (v >= max(threshold, 1))
     return np.where(ok, c / np.where(ok, v, 1.0), 0.0).astype(np.float32)
+
+
+def median_from_counts(values: np.ndarray, counts: np.ndarray, default: float) -> float:
+    """Exact median of a multiset given as distinct ``values`` with ``counts`` (``np.median`` semantics:
+    mean of the two middle order statistics for an even total); ``default`` when the total is 0."""
+    keep = np.isfinite(values) & (counts > 0)
+    values, counts = values[keep], counts[keep]
+    total = int(counts.sum())
+    if total == 0:
+        return float(default)
+    order = np.argsort(values, kind="mergesort")
+    values, cum = values[order], np.cumsum(counts[order])
+    lo = values[np.searchsorted(cum, (total - 1) // 2, side="right")]
+    hi = values[np.searchsorted(cum, total // 2, side="right")]
+    return float((lo + hi) / 2)
 
 
 def merge_duplicate_terms(doc_ids: Any, terms: Any, confidence: Any) -> pd.DataFrame:

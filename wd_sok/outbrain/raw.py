@@ -106,6 +106,7 @@ class SideTables:
     meta: pd.DataFrame | None = None
     slots: dict[str, pd.DataFrame] = field(default_factory=dict)
     tfidf: dict[str, F.TfidfIndex] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
 
 
 def load_side_tables(input_dir: Path) -> SideTables:
@@ -117,6 +118,7 @@ def load_side_tables(input_dir: Path) -> SideTables:
             _warn(f"{Path(input_dir) / (name + '.csv')} not found: features {', '.join(AFFECTED[name])} "
                   f"get their fill values (ids 0 = unknown, lists [0], similarity 0.0, CTR 0.0, train-median "
                   f"publish age)")
+            side.missing.append(f"{name}.csv")
             continue
         df = read_table(path, OPTIONAL[name])
         logger.info("read %s: %d rows", path.name, len(df))
@@ -208,6 +210,7 @@ class StageResult:
     displays: dict[str, int]
     dropped_rows: int
     promoted_coverage: float | None
+    missing_tables: list[str]
 
 
 def _write(df: pd.DataFrame, path: Path) -> None:
@@ -292,4 +295,4 @@ def stage(input_dir: str | Path, stage_dir: str | Path, seed: int = 0, chunk_row
                          f"{F.TRAIN_MAX_DAY}); cannot fit statistics")
     is_train = events["is_train"].to_numpy()
     displays = {"train": int((seen & is_train).sum()), "test": int((seen & ~is_train).sum())}
-    return StageResult(train_files, test_files, rows, displays, dropped, coverage)
+    return StageResult(train_files, test_files, rows, displays, dropped, coverage, side.missing)

@@ -1,7 +1,7 @@
 """Synthetic click logs with a planted, known signal, generated from any valid feature spec.
 
-Rows come in display groups of 2-12 consecutive rows with exactly one click each (or, when the spec has
-no ``map`` channel, independent rows with Bernoulli clicks). A hidden score
+Rows come in display groups of 2-12 consecutive rows with exactly one click each (or, without a ``map``
+channel, independent rows with Bernoulli clicks). A hidden score
 
     s(x) = sum_f w_f[id_f]  (+ sum over the ids of each multi-hot list)  +  v . numerics
 
@@ -31,10 +31,7 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +42,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from wd_sok.feature_spec import CHANNELS, LABEL, TEST, TRAIN, FeatureSpec, SpecError
+from wd_sok.feature_spec import TEST, TRAIN, FeatureSpec, SpecError
+from wd_sok.tools.transcode import SPEC_FILE, atomic_output_dir, output_spec_dict
 
 ZIPF_EXPONENT = 1.2          # P(rank r) ~ (r + 1) ** -1.2, truncated to the cardinality
 SIGNAL_STD = {True: 1.6, False: 1.3}   # std of s(x) with / without display groups
@@ -54,7 +52,6 @@ NO_MAP_CTR = 0.15            # mean click rate targeted without display groups
 MIN_GROUP, MAX_GROUP = 2, 12
 MAP_K = 12
 MULTIHOT_SEPARATOR = " "     # CSV encoding of a multi-hot cell: ids joined by this
-SPEC_FILE = "feature_spec.yaml"
 REPORT_FILE = "generator_report.json"
 FORMATS = ("parquet", "csv")
 
@@ -246,13 +243,6 @@ def draw_group_sizes(rng: np.random.Generator, n_rows: int) -> np.ndarray:
     return np.concatenate([sizes, [rest]]).astype(np.int64) if rest else sizes.astype(np.int64)
 
 
-def _int_array(values: np.ndarray, dtype: str, name: str) -> pa.Array:
-    info = np.iinfo(dtype)
-    if len(values) and (values.min() < info.min or values.max() > info.max):
-        raise ValueError(f"feature '{name}': values up to {values.max()} do not fit dtype '{dtype}'")
-    return pa.array(values.astype(dtype))
-
-
 def draw_rows(spec: FeatureSpec, signal: PlantedSignal, rng: np.random.Generator,
               n_rows: int) -> tuple[pa.Table, np.ndarray | None, np.ndarray, np.ndarray]:
     """Draw ``n_rows`` rows of every channel feature.
@@ -263,9 +253,10 @@ def draw_rows(spec: FeatureSpec, signal: PlantedSignal, rng: np.random.Generator
     sizes = draw_group_sizes(rng, n_rows) if signal.grouped else None
     columns: dict[str, pa.Array] = {}
     if sizes is not None and spec.map_feature:
-        display = np.cumsum(rng.integers(1, 4, size=len(sizes))) - 1
-        columns[spec.map_feature] = _int_array(np.repeat(display, sizes), spec.dtype(spec.map_feature),
-                                               spec.map_feature)
+        display, dtype = np.cumsum(rng.integers(1, 4, size=len(sizes))) - 1, spec.dtype(spec.map_feature)
+        if display[-1] > np.iinfo(dtype).max:
+            raise ValueError(f"feature '{spec.map_feature}': {len(sizes)} display ids do not fit '{dtype}'")
+        columns[spec.map_feature] = pa.array(np.repeat(display, sizes).astype(dtype))
     for name in spec.onehot:
         ranks = zipf_ranks(rng, spec.cardinality(name), n_rows)
         columns[name] = pa.array(signal.rank_to_id[name][ranks].astype(spec.dtype(name)))
@@ -307,31 +298,6 @@ def split_points(n_rows: int, sizes: np.ndarray | None, n_files: int, what: str)
 
 
 # ----------------------------------------------------------------------------- output
-@contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``, renamed to ``out_dir`` only if the block succeeds.
-
-    ``out_dir`` may be missing or empty; a non-empty one is an error unless ``overwrite``.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
-        raise FileExistsError(f"{out_dir}: output exists and is not an empty folder (pass overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / "x")
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def csv_ready(table: pa.Table) -> pa.Table:
     """``table`` with each list column turned into strings of ids joined by ``MULTIHOT_SEPARATOR``."""
     for i, field in enumerate(table.schema):
@@ -339,21 +305,6 @@ def csv_ready(table: pa.Table) -> pa.Table:
             text = pc.binary_join(pc.cast(table.column(i), pa.list_(pa.string())), MULTIHOT_SEPARATOR)
             table = table.set_column(i, field.name, text)
     return table
-
-
-def output_spec_dict(spec: FeatureSpec, files: dict[str, list[str]], file_type: str) -> dict[str, Any]:
-    """Spec of the written data: channel features only, explicit dtypes, one chunk per mapping."""
-    names = [n for c in CHANNELS for n in spec.channel(c)]
-    features = {}
-    for name in names:
-        props = {k: v for k, v in spec.feature_spec[name].items() if k != "dtype"}
-        features[name] = {"dtype": spec.dtype(name), **props}
-    source = {}
-    for mapping in (TRAIN, TEST):
-        present = [n for n in spec.features_in(mapping) if n in names]
-        source[mapping] = [{"type": file_type, "features": present, "files": files[mapping]}]
-    return {"channel_spec": {c: spec.channel(c) for c in CHANNELS if c in spec.channel_spec},
-            "feature_spec": features, "source_spec": source, "metadata": dict(spec.metadata)}
 
 
 def generate(spec: FeatureSpec, out_dir: str | Path, n_train: int, n_test: int, train_files: int = 4,
@@ -373,7 +324,8 @@ def generate(spec: FeatureSpec, out_dir: str | Path, n_train: int, n_test: int, 
     report: dict[str, Any] = {"rows": {TRAIN: n_train, TEST: n_test}, "seed": seed, "format": file_format}
     files: dict[str, list[str]] = {}
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        for mapping, n_rows, n_files, stream in ((TRAIN, n_train, train_files, 1), (TEST, n_test, test_files, 2)):
+        plan = ((TRAIN, n_train, train_files, 1), (TEST, n_test, test_files, 2))
+        for mapping, n_rows, n_files, stream in plan:
             rng = np.random.default_rng(np.random.SeedSequence([seed, stream]))
             if n_rows < 1:
                 raise ValueError(f"{mapping}: need at least one row, got {n_rows}")

@@ -1,0 +1,215 @@
+"""Sharded backend: SOK's model-parallel placement reproduced with plain TensorFlow and Horovod alltoall.
+
+Placement (as SOK's default "distributed" tables): global row ``g`` of a table lives on rank ``g % N`` at
+local row ``g // N``; rank ``r`` holds ``ceil((cardinality - r) / N)`` rows, initialised from
+:func:`initial_rows` of exactly those global rows, so the values never depend on ``N``.
+
+One lookup of the whole collection (all its tables at once) is two alltoalls forward and one backward:
+
+1. **ids.** Every table's ids are flattened and concatenated; id ``g`` of table ``t`` becomes the key
+   ``(g // N) * T + t`` for owner ``g % N``. Keys are sorted stably by ``(owner, t)`` and sent with
+   ``hvd.alltoall`` (uneven splits). The owner decodes ``t`` and the local row from each key.
+2. **vectors.** The owner gathers its local rows per table (``tf.gather`` on the local variable, so the
+   gradient is an IndexedSlices that stays on this rank) and answers every requester with one flat float
+   buffer holding, per table in order, that requester's vectors (tables of different widths fuse into one
+   1-D alltoall). The requester cuts the buffer back into ``[n_t, dim_t]`` blocks, undoes the sort
+   (``scatter_nd``) and pools multi-hot rows (:func:`pool`).
+3. **backward.** Horovod's alltoall gradient sends the vector gradients back to the owners along the same
+   splits; ``tf.gather``'s gradient then sums every rank's contributions per local row. Hence these tables
+   are ``sparse_variables``: their gradients are already global and must never be allreduced.
+
+A train step of Wide & Deep (two collections) therefore runs 4 alltoalls forward and 2 backward, whatever
+the number of tables. Every rank must run every lookup, including with an empty batch (B = 0).
+With one process the exchange is the identity (no Horovod needed), which the unit tests use.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from wd_sok.distributed import Runtime
+from wd_sok.embedding.base import EmbeddingCollection, ensure_slots, initial_rows, pool, slot_names
+from wd_sok.feature_spec import TableConfig
+
+Ids = tf.Tensor | tf.RaggedTensor
+
+
+def local_rows(cardinality: int, rank: int, world: int) -> np.ndarray:
+    """Global rows owned by ``rank`` of ``world``, in local order: [ceil((cardinality - rank) / world)] int64."""
+    return np.arange(rank, cardinality, world, dtype=np.int64)
+
+
+def to_global_order(gathered: np.ndarray, cardinality: int, world: int) -> np.ndarray:
+    """Reorder rank-concatenated shards (rank 0's local rows, then rank 1's, ...) into global row order.
+
+    Args:
+        gathered: [cardinality, ...] the shards concatenated in rank order.
+    Returns:
+        [cardinality, ...] with row g taken from rank g % world, local row g // world.
+    """
+    counts = np.array([local_rows(cardinality, r, world).size for r in range(world)], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    g = np.arange(cardinality, dtype=np.int64)
+    return gathered[offsets[g % world] + g // world]
+
+
+class ShardedEmbedding(EmbeddingCollection):
+    """Tables sharded row-wise over ranks (row g on rank g % N); lookups exchange ids and vectors.
+
+    Args:
+        tables: the tables (feature names, cardinalities, widths, combiners).
+        initializer: "zeros" or "glorot_normal" (see :func:`initial_rows`).
+        seed: run seed.
+        prefix: "wide" or "deep".
+        runtime: rank and world size; its Horovod module does the alltoalls when size > 1.
+    """
+
+    def __init__(self, tables: list[TableConfig], initializer: str, seed: int, prefix: str,
+                 runtime: Runtime, **kw) -> None:
+        super().__init__(tables, initializer, seed, prefix, **kw)
+        self.runtime = runtime
+        self.world, self.rank = runtime.size, runtime.rank
+        self.names = [t.name for t in tables]
+        self.shards: dict[str, tf.Variable] = {}
+        for t in tables:
+            init = initial_rows(t, local_rows(t.cardinality, self.rank, self.world), seed, initializer)
+            self.shards[t.name] = tf.Variable(init, name=f"{prefix}/{t.name}", trainable=True)
+
+    # ------------------------------------------------------------------ lookup
+    def call(self, ids: dict[str, Ids]) -> dict[str, tf.Tensor]:
+        """Pooled vectors ``{name: [B, dim] float32}`` for one-hot [B] or ragged [B, (k)] ids."""
+        if not self.names:
+            return {}
+        flat = [self._checked_ids(name, ids[name]) for name in self.names]
+        vectors = self._exchange(flat)
+        out = {}
+        for name, v in zip(self.names, vectors, strict=True):
+            x, table = ids[name], self.tables[name]
+            if isinstance(x, tf.RaggedTensor):
+                out[name] = pool(x.with_flat_values(v), table.combiner)
+            else:
+                out[name] = tf.reshape(v, tf.concat([tf.shape(x, out_type=tf.int32), [table.dim]], 0))
+        return out
+
+    def _checked_ids(self, name: str, x: Ids) -> tf.Tensor:
+        """[n] int64 flattened ids of feature ``name``, asserted to lie in [0, cardinality)."""
+        values = x.flat_values if isinstance(x, tf.RaggedTensor) else tf.reshape(x, [-1])
+        values = tf.cast(values, tf.int64)
+        card = self.tables[name].cardinality
+        msg = f"{self.prefix} embedding: feature '{name}': ids must lie in [0, {card})"
+        checks = [tf.debugging.assert_non_negative(values, message=msg),
+                  tf.debugging.assert_less(values, tf.constant(card, tf.int64), message=msg)]
+        with tf.control_dependencies(checks):
+            return tf.identity(values)
+
+    def _exchange(self, flat: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Look up every table's flat ids on their owners.
+
+        Args:
+            flat: per table, [n_t] int64 global row ids (any order, duplicates allowed).
+        Returns:
+            per table, [n_t, dim_t] float32 rows, in the order of ``flat``.
+        """
+        n_ranks, n_tables = self.world, len(self.names)
+        dims = [self.tables[name].dim for name in self.names]
+        sizes = [tf.size(f, out_type=tf.int32) for f in flat]
+        ids = tf.concat(flat, 0)
+        table = tf.repeat(tf.range(n_tables, dtype=tf.int32), tf.stack(sizes))
+        owner = tf.cast(ids % n_ranks, tf.int32)
+        keys = (ids // n_ranks) * n_tables + tf.cast(table, tf.int64)
+
+        # 1. ids to their owners, sorted by (owner, table)
+        bucket = owner * n_tables + table
+        order = tf.argsort(bucket, stable=True)
+        send_counts = _counts(bucket, n_ranks * n_tables)                       # [N, T]
+        recv_keys, recv_splits = self._alltoall(tf.gather(keys, order), tf.reduce_sum(send_counts, 1),
+                                                "ids")
+        recv_table = tf.cast(recv_keys % n_tables, tf.int32)
+        recv_local = recv_keys // n_tables
+        source = tf.repeat(tf.range(n_ranks, dtype=tf.int32), recv_splits)
+        recv_counts = _counts(source * n_tables + recv_table, n_ranks * n_tables)  # [N, T]
+
+        # 2. local gathers; answer each source with [its table-0 rows, its table-1 rows, ...] flattened
+        pieces: list[list[tf.Tensor]] = [[] for _ in range(n_ranks)]
+        rows_by_table = tf.dynamic_partition(recv_local, recv_table, n_tables)
+        for t, name in enumerate(self.names):
+            rows = tf.gather(self.shards[name], rows_by_table[t])             # [m_t, dim_t], source-major
+            for s, part in enumerate(tf.split(rows, recv_counts[:, t], num=n_ranks)):
+                pieces[s].append(tf.reshape(part, [-1]))
+        answer = tf.concat([p for per_source in pieces for p in per_source], 0)
+        width = tf.constant(dims, tf.int32)
+        back, _ = self._alltoall(answer, tf.reduce_sum(recv_counts * width, 1), "vectors")
+
+        # 3. cut the answers per (owner, table), undo the sort within each table
+        parts = tf.split(back, tf.reshape(send_counts * width, [-1]), num=n_ranks * n_tables)
+        position = tf.dynamic_partition(order, tf.gather(table, order), n_tables)
+        starts = tf.math.cumsum(tf.stack(sizes), exclusive=True)
+        out = []
+        for t, dim in enumerate(dims):
+            sorted_rows = tf.concat([tf.reshape(parts[d * n_tables + t], [-1, dim]) for d in range(n_ranks)], 0)
+            index = (position[t] - starts[t])[:, None]
+            out.append(tf.scatter_nd(index, sorted_rows, tf.stack([sizes[t], dim])))
+        return out
+
+    def _alltoall(self, tensor: tf.Tensor, splits: tf.Tensor, what: str) -> tuple[tf.Tensor, tf.Tensor]:
+        """``hvd.alltoall`` with uneven ``splits`` [N] int32; the identity on one rank."""
+        if self.world == 1:
+            return tensor, splits
+        return self.runtime.hvd.alltoall(tensor, splits=splits, name=f"{self.prefix}_emb_{what}")
+
+    # ------------------------------------------------------------------ training / checkpoints
+    @property
+    def sparse_variables(self) -> list[tf.Variable]:
+        """This rank's table shards: their gradients arrive already summed over ranks."""
+        return list(self.shards.values())
+
+    def local_bytes(self) -> int:
+        return int(sum(np.prod(v.shape) * v.dtype.size for v in self.shards.values()))
+
+    def export_tables(self, optimizer: tf.keras.optimizers.legacy.Optimizer | None = None
+                      ) -> dict[str, dict[str, np.ndarray]]:
+        """Collective: every rank gets whole tables and slots [cardinality, dim] in global row order."""
+        ensure_slots(optimizer, self.sparse_variables)
+        out = {}
+        for name, var in self.shards.items():
+            card = self.tables[name].cardinality
+            entry = {"value": self._gather_whole(var, card, f"{self.prefix}/{name}")}
+            for slot in slot_names(optimizer):
+                entry[slot] = self._gather_whole(optimizer.get_slot(var, slot), card,
+                                                 f"{self.prefix}/{name}:{slot}")
+            out[f"{self.prefix}/{name}"] = entry
+        return out
+
+    def _gather_whole(self, var: tf.Variable, cardinality: int, name: str) -> np.ndarray:
+        gathered = self.runtime.allgather(tf.convert_to_tensor(var), name=f"export_{name}").numpy()
+        return to_global_order(gathered, cardinality, self.world)
+
+    def import_tables(self, tables: dict[str, dict[str, np.ndarray]],
+                      optimizer: tf.keras.optimizers.legacy.Optimizer | None = None) -> None:
+        """Keep rows g % N == rank of whole tables (and of the slots present) written by any backend."""
+        ensure_slots(optimizer, self.sparse_variables)
+        for name, var in self.shards.items():
+            key, table = f"{self.prefix}/{name}", self.tables[name]
+            entry = tables[key]
+            for slot, whole in entry.items():
+                if tuple(whole.shape) != (table.cardinality, table.dim):
+                    raise ValueError(f"checkpoint table '{key}' ({slot}) has shape {tuple(whole.shape)}, "
+                                     f"expected {(table.cardinality, table.dim)}")
+            var.assign(entry["value"][self.rank::self.world])
+            for slot in slot_names(optimizer):
+                if slot in entry:
+                    optimizer.get_slot(var, slot).assign(entry[slot][self.rank::self.world])
+
+
+def _counts(bucket: tf.Tensor, n: int) -> tf.Tensor:
+    """[n // T_or_N ...] helper: occurrences of each bucket id in [0, n), reshaped later by the caller.
+
+    Args:
+        bucket: [m] int32 bucket ids ``rank * T + table``.
+        n: number of buckets (N * T).
+    Returns:
+        [N, T] int32 counts (reshaped with T = n // N inferred from the caller's layout).
+    """
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(bucket), bucket, n)
+    return tf.reshape(counts, [-1, n // _last_dim(n)]) if False else counts
