@@ -36,7 +36,7 @@ Ids = tf.Tensor | tf.RaggedTensor
 
 
 def local_rows(cardinality: int, rank: int, world: int) -> np.ndarray:
-    """Global rows owned by ``rank`` of ``world``, in local order: [ceil((cardinality - rank) / world)] int64."""
+    """Global rows owned by ``rank``, in local order: [ceil((cardinality - rank) / world)] int64."""
     return np.arange(rank, cardinality, world, dtype=np.int64)
 
 
@@ -122,13 +122,13 @@ class ShardedEmbedding(EmbeddingCollection):
         # 1. ids to their owners, sorted by (owner, table)
         bucket = owner * n_tables + table
         order = tf.argsort(bucket, stable=True)
-        send_counts = _counts(bucket, n_ranks * n_tables)                       # [N, T]
+        send_counts = _counts(bucket, n_ranks, n_tables)                       # [N, T]
         recv_keys, recv_splits = self._alltoall(tf.gather(keys, order), tf.reduce_sum(send_counts, 1),
                                                 "ids")
         recv_table = tf.cast(recv_keys % n_tables, tf.int32)
         recv_local = recv_keys // n_tables
         source = tf.repeat(tf.range(n_ranks, dtype=tf.int32), recv_splits)
-        recv_counts = _counts(source * n_tables + recv_table, n_ranks * n_tables)  # [N, T]
+        recv_counts = _counts(source * n_tables + recv_table, n_ranks, n_tables)  # [N, T]
 
         # 2. local gathers; answer each source with [its table-0 rows, its table-1 rows, ...] flattened
         pieces: list[list[tf.Tensor]] = [[] for _ in range(n_ranks)]
@@ -147,7 +147,8 @@ class ShardedEmbedding(EmbeddingCollection):
         starts = tf.math.cumsum(tf.stack(sizes), exclusive=True)
         out = []
         for t, dim in enumerate(dims):
-            sorted_rows = tf.concat([tf.reshape(parts[d * n_tables + t], [-1, dim]) for d in range(n_ranks)], 0)
+            sorted_rows = tf.concat([tf.reshape(parts[d * n_tables + t], [-1, dim])
+                                     for d in range(n_ranks)], 0)                  # [n_t, dim_t]
             index = (position[t] - starts[t])[:, None]
             out.append(tf.scatter_nd(index, sorted_rows, tf.stack([sizes[t], dim])))
         return out
@@ -202,14 +203,13 @@ class ShardedEmbedding(EmbeddingCollection):
                     optimizer.get_slot(var, slot).assign(entry[slot][self.rank::self.world])
 
 
-def _counts(bucket: tf.Tensor, n: int) -> tf.Tensor:
-    """[n // T_or_N ...] helper: occurrences of each bucket id in [0, n), reshaped later by the caller.
+def _counts(bucket: tf.Tensor, n_ranks: int, n_tables: int) -> tf.Tensor:
+    """Occurrences of each bucket ``rank * n_tables + table``.
 
     Args:
-        bucket: [m] int32 bucket ids ``rank * T + table``.
-        n: number of buckets (N * T).
+        bucket: [m] int32 bucket ids in [0, n_ranks * n_tables).
     Returns:
-        [N, T] int32 counts (reshaped with T = n // N inferred from the caller's layout).
+        [n_ranks, n_tables] int32 counts.
     """
-    counts = tf.math.unsorted_segment_sum(tf.ones_like(bucket), bucket, n)
-    return tf.reshape(counts, [-1, n // _last_dim(n)]) if False else counts
+    counts = tf.math.unsorted_segment_sum(tf.ones_like(bucket), bucket, n_ranks * n_tables)
+    return tf.reshape(counts, [n_ranks, n_tables])

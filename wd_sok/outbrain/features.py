@@ -31,8 +31,9 @@ Output dataset (one row per ``clicks_train.csv`` row):
     (:data:`CTR_THRESHOLDS`: 5 for ad_id and document_id_promo, 10 otherwise), when the key never occurs in
     train, or when the key is missing (see above).
   - ``ad_id_count``, ``document_id_promo_count``: ``(log1p(views) - mean) / std`` with ``views`` the key's
-    train-split row count (0 when unseen in train or missing) and mean/std of ``log1p(views)`` over the
-    train rows (std 0 -> only the mean is subtracted).
+    train-split row count (0 when unseen in train or missing) and mean / sample std (ddof 1) of
+    ``log1p(views)`` over the train rows (NVTabular ``LogOp`` + ``Normalize``; std 0 -> only the mean is
+    subtracted).
   - ``publish_time_days_since_published`` / ``publish_time_promo_days_since_published`` for the display /
     promoted document: ``days = floor((timestamp + TIMESTAMP_DELTA_MS - publish_time_ms) / 86_400_000)``
     clipped to ``[0, 3650]`` (:func:`days_since_published`); missing publish times are filled with the
@@ -84,7 +85,7 @@ CTR_THRESHOLDS: dict[str, int] = {"ad_id": 5, "document_id_promo": 5, "source_id
 TIMESTAMP_DELTA_MS = 1465876799998
 MS_PER_DAY = 86_400_000
 MAX_DAYS = 3650
-# reserved ids: 0 "unknown" (missing value / no side-table data); multi-hot: 1 out-of-vocabulary, 2.. vocabulary
+# reserved ids: 0 "unknown" (missing value / no side-table data); multi-hot: 1 out-of-vocabulary, 2.. vocab
 UNKNOWN_ID = 0
 OOV_ID = 1
 FIRST_VOCAB_ID = 2
@@ -133,7 +134,7 @@ def hash_ids(values: Any, cardinality: int) -> np.ndarray:
 
 
 def encode_platform(values: Any) -> np.ndarray:
-    """``platform`` (1 desktop, 2 mobile, 3 tablet) -> int32 id = platform for 1..3, 0 otherwise. Shape [n]."""
+    """``platform`` (1 desktop, 2 mobile, 3 tablet) -> int32 id = platform for 1..3, else 0. Shape [n]."""
     v = as_float(values)
     ok = np.isin(v, (1.0, 2.0, 3.0))
     return np.where(ok, np.nan_to_num(v), 0).astype(np.int32)
@@ -169,7 +170,7 @@ def geo_parts(geo: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def parse_publish_time(values: pd.Series) -> np.ndarray:
-    """``publish_time`` strings "YYYY-MM-DD HH:MM:SS" -> float64 ms since the epoch; NaN if missing/invalid."""
+    """``publish_time`` "YYYY-MM-DD HH:MM:SS" strings -> float64 ms since the epoch; NaN if missing/bad."""
     t = pd.to_datetime(pd.Series(values, copy=False), format="%Y-%m-%d %H:%M:%S", errors="coerce")
     ms = t.to_numpy(dtype="datetime64[ms]").astype(np.int64).astype(np.float64)
     ms[t.isna().to_numpy()] = np.nan
@@ -185,7 +186,8 @@ def days_since_published(timestamp_ms: Any, publish_ms: Any) -> np.ndarray:
 
 def display_uniform(display_ids: Any, seed: int) -> np.ndarray:
     """Seeded uniform draw in ``[0, 1)`` per display, a pure function of ``(display_id, seed)`` (so the split
-    does not depend on row order or chunking): ``(splitmix64(display_id ^ splitmix64(seed)) >> 11) / 2**53``."""
+    does not depend on row order or chunking):
+    ``(splitmix64(display_id ^ splitmix64(seed)) >> 11) / 2**53``."""
     key = splitmix64(np.array([seed], dtype=np.uint64))[0]
     ids = np.asarray(display_ids, dtype=np.int64).view(np.uint64)
     return (splitmix64(ids ^ key) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
@@ -236,8 +238,8 @@ class TfidfIndex:
         v(d)    = w(d, .) / ||w(d, .)||_2            # all-zero rows stay zero
         sim(a, b) = <v(a), v(b)>                     # 0.0 when a or b has no rows (or is missing)
 
-    (The reference takes ``N`` = largest document_id + 1, the height of its id-indexed sparse matrix; here ``N``
-    counts documents, so the weights do not depend on how ids are numbered.)
+    (The reference takes ``N`` = largest document_id + 1, the height of its id-indexed sparse matrix; here
+    ``N`` counts documents, so the weights do not depend on how ids are numbered.)
     """
 
     def __init__(self, doc_ids: Any, terms: Any, confidence: Any) -> None:

@@ -98,7 +98,7 @@ def write_parts(frames: Iterable[Any], out_dir: Path, split: str, target_rows: i
             continue
         buffer.append(to_table(frame, with_map=test))
         buffered += len(frame)
-        while buffered >= target_rows:
+        while buffered > target_rows:
             table = pa.concat_tables(buffer)
             cut = target_rows
             if test:

@@ -26,7 +26,7 @@ from wd_sok.outbrain.workflow import build_workflow
 
 logger = logging.getLogger("wd_sok.outbrain")
 SPEC_NAME = "feature_spec.yaml"
-OUTPUTS = ("train", "test", SPEC_NAME, ".tmp")
+OUTPUTS = ("train", "test", SPEC_NAME)
 
 
 @dataclass
@@ -77,18 +77,28 @@ def preprocess(input_dir: str | Path, output_dir: str | Path, seed: int = 0, row
             equal size (test parts end on display boundaries, so their sizes vary slightly).
         chunk_rows: clicks_train rows joined per chunk (bounds the staging memory).
         device: "auto" (GPU when NVTabular can use one, else CPU), "cpu" or "gpu".
-        overwrite: replace an existing dataset in ``output_dir`` (only train/, test/, the spec, .tmp/).
+        overwrite: replace an existing dataset in ``output_dir`` (only train/, test/ and the spec).
     """
     start = time.perf_counter()
     out = Path(output_dir)
     existing = [name for name in OUTPUTS if (out / name).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{out}: already holds {', '.join(existing)} (pass overwrite=True / --overwrite)")
+        raise FileExistsError(f"{out}: already holds {', '.join(existing)} "
+                              f"(pass overwrite=True / --overwrite)")
     for name in existing:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # scratch of an interrupted run
+    try:
+        return _run(Path(input_dir), out, tmp, seed, rows_per_part, min_parts, chunk_rows, device, start)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(input_dir: Path, out: Path, tmp: Path, seed: int, rows_per_part: int, min_parts: int,
+         chunk_rows: int, device: str, start: float) -> PreprocessResult:
     staged = stage(input_dir, tmp / "stage", seed=seed, chunk_rows=chunk_rows)
     logger.info("staged %s rows, %s displays", staged.rows, staged.displays)
     cpu = detect_cpu(device)
@@ -124,7 +134,6 @@ def preprocess(input_dir: str | Path, output_dir: str | Path, seed: int = 0, row
     }
     spec = build_spec(out, files["train"], files["test"], metadata)
     spec.to_yaml(out / SPEC_NAME)
-    shutil.rmtree(tmp, ignore_errors=True)
     seconds = time.perf_counter() - start
     logger.info("done in %.1f s: %s", seconds, out / SPEC_NAME)
     return PreprocessResult(out / SPEC_NAME, dict(staged.rows), dict(staged.displays), files,

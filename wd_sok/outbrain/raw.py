@@ -5,7 +5,7 @@ Inputs (in ``input_dir``; ``.csv``, ``.csv.zip`` or ``.csv.gz``; ``page_views*``
 ``documents_entities`` and ``documents_categories`` are optional. Each absent optional table raises ONE
 :class:`OutbrainDataWarning` naming the file and the features it affects (those get the fill values of
 :mod:`wd_sok.outbrain.features`); a ``promoted_content`` covering only part of the click rows raises one
-warning with the coverage fraction; click rows whose display is not in ``events`` are dropped with one warning.
+warning with the coverage fraction; click rows whose display is not in ``events`` are dropped (one warning).
 
 Split (per display, from ``events``): ``day = timestamp // 86_400_000``; train iff ``day <= 10`` and
 ``display_uniform(display_id, seed) > 0.2`` (see :mod:`~wd_sok.outbrain.features`), else test.
@@ -52,7 +52,8 @@ SIDE = {"documents_topics": ("topic_id", "topics", "topic_id_list"),
 AFFECTED = {
     "promoted_content": ["document_id_promo", "campaign_id", "advertiser_id", "source_id_promo",
                          "publisher_id_promo", "document_id_promo_ctr", "publisher_id_promo_ctr",
-                         "source_id_promo_ctr", "advertiser_id_ctr", "campaign_id_ctr", "document_id_promo_count",
+                         "source_id_promo_ctr", "advertiser_id_ctr", "campaign_id_ctr",
+                         "document_id_promo_count",
                          "publish_time_promo_days_since_published", *F.SIM_COLUMNS],
     "documents_meta": ["source_id", "publisher_id", "source_id_promo", "publisher_id_promo",
                        "source_id_promo_ctr", "publisher_id_promo_ctr", "publish_time_days_since_published",
@@ -61,9 +62,14 @@ AFFECTED = {
     "documents_entities": ["entity_id_list", "document_id_document_id_promo_sim_entities"],
     "documents_categories": ["category_id_list", "document_id_document_id_promo_sim_categories"],
 }
-ID_COLUMNS = ["document_id", "platform", "geo_location", "geo_location_country", "geo_location_state",
-              "document_id_promo", "campaign_id", "advertiser_id", "source_id", "publisher_id", "source_id_promo",
-              "publisher_id_promo"]
+FILLS = {
+    "promoted_content": "ids 0 (unknown), CTRs 0.0, promo view count 0 (then log1p + normalisation), "
+                        "similarities 0.0, publish age = train median",
+    "documents_meta": "ids 0 (unknown), CTRs 0.0, publish ages = train median (0 days if train has none)",
+    "documents_topics": "list [0] (unknown), similarity 0.0",
+    "documents_entities": "list [0] (unknown), similarity 0.0",
+    "documents_categories": "list [0] (unknown), similarity 0.0",
+}
 
 
 class OutbrainDataWarning(UserWarning):
@@ -116,8 +122,7 @@ def load_side_tables(input_dir: Path) -> SideTables:
         path = find_table(input_dir, name)
         if path is None:
             _warn(f"{Path(input_dir) / (name + '.csv')} not found: features {', '.join(AFFECTED[name])} "
-                  f"get their fill values (ids 0 = unknown, lists [0], similarity 0.0, CTR 0.0, train-median "
-                  f"publish age)")
+                  f"get fill values ({FILLS[name]})")
             side.missing.append(f"{name}.csv")
             continue
         df = read_table(path, OPTIONAL[name])
@@ -181,7 +186,8 @@ def join_chunk(clicks: pd.DataFrame, events: pd.DataFrame, side: SideTables) -> 
     for doc_col, suffix in (("document_id", ""), ("document_id_promo", "_promo")):
         if side.meta is not None:
             meta = side.meta.reindex(out[doc_col].to_numpy())
-            source, publisher, publish = (meta[c].to_numpy() for c in ("source_id", "publisher_id", "publish_ms"))
+            source, publisher, publish = (meta[c].to_numpy()
+                                          for c in ("source_id", "publisher_id", "publish_ms"))
         else:
             source = publisher = publish = nan
         out[f"source_id{suffix}"] = source
@@ -228,9 +234,10 @@ def stage(input_dir: str | Path, stage_dir: str | Path, seed: int = 0, chunk_row
             raise FileNotFoundError(f"{input_dir / (name + '.csv')}: required Outbrain table not found")
     side = load_side_tables(input_dir)
     events = load_events(paths["events"], seed)
-    logger.info("events: %d displays (%d train by the split rule)", len(events), int(events["is_train"].sum()))
+    logger.info("events: %d displays (%d train by the split rule)", len(events),
+                int(events["is_train"].sum()))
     test_ids = events.index.to_numpy()[~events["is_train"].to_numpy()]
-    bounds = test_ids[test_bucket_displays::test_bucket_displays]  # display-id range buckets of the test split
+    bounds = test_ids[test_bucket_displays::test_bucket_displays]  # display-id ranges bucketing the test set
     rows = {"train": 0, "test": 0}
     dropped = covered = 0
     train_files: list[Path] = []
@@ -280,7 +287,7 @@ def stage(input_dir: str | Path, stage_dir: str | Path, seed: int = 0, chunk_row
         if covered < total:
             _warn(f"{find_table(input_dir, 'promoted_content')} covers {coverage:.1%} of the click rows "
                   f"({covered} of {total}): the other rows get fill values for "
-                  f"{', '.join(AFFECTED['promoted_content'])}")
+                  f"{', '.join(AFFECTED['promoted_content'])} ({FILLS['promoted_content']})")
     test_files = []
     for b in sorted(bucket_chunks):
         part = pd.concat([pd.read_parquet(p) for p in bucket_chunks[b]], ignore_index=True)

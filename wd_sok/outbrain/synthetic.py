@@ -7,9 +7,9 @@ Files and columns (as in the competition):
 * ``events.csv``: display_id, uuid (14 hex chars), document_id, timestamp (ms since the dataset start,
   displays spread over days 0..14 and numbered in time order), platform (1..3), geo_location
   ("US>CA>807", "GB>H9", "SG", ...; a few empty).
-* ``promoted_content.csv``: ad_id, document_id, campaign_id, advertiser_id (optionally only a fraction of ads).
-* ``documents_meta.csv``: document_id, source_id, publisher_id, publish_time ("YYYY-MM-DD HH:MM:SS"; some empty
-  fields, as in Kaggle).
+* ``promoted_content.csv``: ad_id, document_id, campaign_id, advertiser_id (optionally only some ads).
+* ``documents_meta.csv``: document_id, source_id, publisher_id, publish_time ("YYYY-MM-DD HH:MM:SS"; some
+  empty fields, as in Kaggle).
 * ``documents_{topics,entities,categories}.csv``: document_id, topic_id | entity_id (32 hex chars) |
   category_id, confidence_level; 0..5 rows per document.
 

@@ -8,7 +8,8 @@ Graph (inputs are the staged columns of :mod:`wd_sok.outbrain.raw`)::
     CTR_INPUTS            >> TrainKeyStats(clicked)   -> *_ctr (float32), ad_id_count, document_id_promo_count
     *_count               >> LogOp (log1p) >> Normalize (train mean/std)     -> float32
     *_days_since_published >> TrainMedianFill >> LogOp (log1p)               -> float32
-    similarities (pass-through, float32); multi-hot slots >> TrainVocabulary -> int32 slots; clicked; display_id
+    similarities (pass-through, float32); multi-hot slots >> TrainVocabulary -> int32 slots
+    clicked, display_id (pass-through)
 
 Three operators are our own :class:`merlin.dag.ops.stat_operator.StatOperator` s rather than NVTabular's
 ``JoinGroupby`` / ``Categorify`` / ``FillMedian``: in NVTabular 23.08 on CPU, ``JoinGroupby`` crashes on

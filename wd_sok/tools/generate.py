@@ -43,7 +43,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from wd_sok.feature_spec import TEST, TRAIN, FeatureSpec, SpecError
-from wd_sok.tools.transcode import SPEC_FILE, atomic_output_dir, output_spec_dict
+from wd_sok.tools.transcode import SPEC_FILE, atomic_output_dir, check_parquet_dtypes, output_spec_dict
 
 ZIPF_EXPONENT = 1.2          # P(rank r) ~ (r + 1) ** -1.2, truncated to the cardinality
 SIGNAL_STD = {True: 1.6, False: 1.3}   # std of s(x) with / without display groups
@@ -232,14 +232,10 @@ def draw_group_sizes(rng: np.random.Generator, n_rows: int) -> np.ndarray:
     keep = int(np.searchsorted(np.cumsum(sizes), n_rows, side="right"))
     sizes = sizes[:keep]
     rest = n_rows - int(sizes.sum())
-    if rest == 1:                     # too small for a group: grow one that has room, or split a 12
-        room = np.flatnonzero(sizes < MAX_GROUP)
-        if len(room):
-            sizes[room[-1]] += 1
-            rest = 0
-        else:
-            sizes[-1] -= 1
-            rest = 2
+    if rest == 1:                     # too small for a group: grow the last group, or move a row from it
+        grow = bool(sizes[-1] < MAX_GROUP)
+        sizes[-1] += 1 if grow else -1
+        rest = 0 if grow else 2
     return np.concatenate([sizes, [rest]]).astype(np.int64) if rest else sizes.astype(np.int64)
 
 
@@ -319,8 +315,9 @@ def generate(spec: FeatureSpec, out_dir: str | Path, n_train: int, n_test: int, 
     """
     if file_format not in FORMATS:
         raise ValueError(f"file_format must be one of {', '.join(FORMATS)}, got {file_format!r}")
+    check_parquet_dtypes(spec)        # CSV output is only for the transcoder, which writes parquet
     signal = planted_signal(spec, seed)
-    ext = "csv" if file_format == "csv" else "parquet"
+    ext = file_format
     report: dict[str, Any] = {"rows": {TRAIN: n_train, TEST: n_test}, "seed": seed, "format": file_format}
     files: dict[str, list[str]] = {}
     with atomic_output_dir(out_dir, overwrite) as tmp:
@@ -336,7 +333,7 @@ def generate(spec: FeatureSpec, out_dir: str | Path, n_train: int, n_test: int, 
             if sizes is not None:
                 stats.update(bayes_map12=map_at_k(scores, labels, sizes), random_map12=random_map_at_k(sizes))
                 report.setdefault("groups", {})[mapping] = len(sizes)
-            report.setdefault("ctr", {})[mapping] = float(labels.mean())
+            report.setdefault("ctr", {})[mapping] = float(labels.mean(dtype=np.float64))
             if mapping == TRAIN:
                 report[TRAIN] = {k: stats[k] for k in ("bayes_auc", "bayes_logloss")}
             else:

@@ -86,6 +86,14 @@ def output_spec_dict(spec: FeatureSpec, files: dict[str, list[str]], file_type: 
             "feature_spec": features, "source_spec": source, "metadata": dict(spec.metadata)}
 
 
+def check_parquet_dtypes(spec: FeatureSpec) -> None:
+    """Raise ValueError for a channel feature whose dtype parquet cannot store (float16 in pyarrow 14)."""
+    for name in (n for c in CHANNELS for n in spec.channel(c)):
+        if spec.dtype(name) == "float16":
+            raise ValueError(f"{spec.origin}: feature '{name}': dtype float16 cannot be stored in parquet "
+                             f"(pyarrow {pa.__version__}); declare float32")
+
+
 # ----------------------------------------------------------------------------- parsing
 def _show(value: Any) -> str:
     text = repr(value)
@@ -260,17 +268,17 @@ class _Rows:
         return head
 
 
-def _cut(table: pa.Table, chunk_size: int, map_name: str | None, at_end: bool) -> int | None:
-    """Rows of ``table`` to write as the next part, or None to wait for more rows."""
-    if table.num_rows <= chunk_size:
-        return table.num_rows if at_end else None
-    if map_name is None:
+def _cut(n_rows: int, chunk_size: int, ids: np.ndarray | None, at_end: bool) -> int | None:
+    """Rows to write as the next part out of ``n_rows`` buffered ones (map ids int[n_rows] or None),
+    or None to wait for more rows."""
+    if n_rows <= chunk_size:
+        return n_rows if at_end else None
+    if ids is None:
         return chunk_size
-    ids = table.column(map_name).to_numpy()
     cut = int(np.searchsorted(ids, ids[chunk_size], side="left"))
     if cut == 0:                      # one group larger than a part: the part holds the whole group
         cut = int(np.searchsorted(ids, ids[0], side="right"))
-        if cut == table.num_rows and not at_end:
+        if cut == n_rows and not at_end:
             return None
     return cut
 
@@ -303,18 +311,23 @@ def transcode_mapping(spec: FeatureSpec, mapping: str, out_dir: Path,
             merged = pa.table({n: p.column(n) for p in [first, *others] for n in p.column_names})
             buffer.append(merged)
             rows += merged.num_rows
-        table = pa.concat_tables(buffer) if buffer else None
-        while table is not None and table.num_rows:
-            cut = _cut(table, chunk_size, map_name, at_end)
+        if not buffer:
+            continue
+        table = pa.concat_tables(buffer)
+        ids = table.column(map_name).to_numpy() if map_name else None
+        start = 0
+        while start < table.num_rows:
+            cut = _cut(table.num_rows - start, chunk_size, None if ids is None else ids[start:], at_end)
             if cut is None:
                 break
             rel = f"{mapping}/part_{len(parts)}.parquet"
-            pq.write_table(table.slice(0, cut), out_dir / rel)
+            pq.write_table(table.slice(start, cut), out_dir / rel)
             parts.append(rel)
-            table = table.slice(cut)
-        buffer = [table] if table is not None and table.num_rows else []
+            start += cut
+        buffer = [table.slice(start)] if start < table.num_rows else []
     if not rows:
-        raise TranscodeError(f"{spec.origin}: mapping '{mapping}': no rows in {spec.files(mapping)}")
+        files = ", ".join(str(f) for f in spec.files(mapping))
+        raise TranscodeError(f"{spec.origin}: mapping '{mapping}': no rows in {files}")
     return parts, rows
 
 
@@ -334,6 +347,10 @@ def transcode(spec: FeatureSpec | str | Path, out_dir: str | Path, chunk_size: i
             if chunk["type"] != "csv":
                 raise TranscodeError(f"{spec.origin}: mapping '{mapping}' chunk {i}: type is "
                                      f"{chunk['type']!r}, the transcoder reads csv")
+    try:
+        check_parquet_dtypes(spec)
+    except ValueError as e:
+        raise TranscodeError(str(e)) from None
     files: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
     with atomic_output_dir(out_dir, overwrite) as tmp:
