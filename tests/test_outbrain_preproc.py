@@ -23,7 +23,7 @@ from wd_sok.outbrain import features as F  # noqa: E402
 from wd_sok.outbrain import synthetic  # noqa: E402
 from wd_sok.outbrain.output import _display_cut, write_parts  # noqa: E402
 from wd_sok.outbrain.pipeline import preprocess  # noqa: E402
-from wd_sok.outbrain.raw import OutbrainDataWarning  # noqa: E402
+from wd_sok.outbrain.raw import OutbrainDataWarning, stage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_SAMPLE = ROOT / ".." / "shared" / "data" / "outbrain_sample"
@@ -250,6 +250,29 @@ def test_deterministic_and_refuses_overwrite(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         preprocess(raw, tmp_path / "a")
     assert not (Path.cwd() / "categories").exists()
+
+
+def test_chunked_staging_matches_single_chunk(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    synthetic.generate(raw, displays=400, seed=9, side_tables=("promoted_content", "documents_topics"))
+    clicks = pd.read_csv(raw / "clicks_train.csv")
+    clicks.sample(frac=1.0, random_state=0).to_csv(raw / "clicks_train.csv", index=False)  # unsorted input
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutbrainDataWarning)
+        one = stage(raw, tmp_path / "one")
+        many = stage(raw, tmp_path / "many", chunk_rows=333, test_bucket_displays=25)
+    assert len(one.train_files) == 1 and len(many.train_files) > 3 and len(many.test_files) > 3
+    assert one.rows == many.rows and one.displays == many.displays
+
+    def load(files: list[Path]) -> pd.DataFrame:
+        return pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+
+    test_one, test_many = load(one.test_files), load(many.test_files)
+    assert test_one["display_id"].is_monotonic_increasing
+    pd.testing.assert_frame_equal(test_one, test_many)
+    key = ["display_id", "ad_id"]
+    train_one = load(one.train_files).sort_values(key, ignore_index=True)
+    pd.testing.assert_frame_equal(train_one, load(many.train_files).sort_values(key, ignore_index=True))
 
 
 def test_display_boundaries_in_writer(tmp_path: Path) -> None:

@@ -188,7 +188,7 @@ def display_uniform(display_ids: Any, seed: int) -> np.ndarray:
     """Seeded uniform draw in ``[0, 1)`` per display, a pure function of ``(display_id, seed)`` (so the split
     does not depend on row order or chunking):
     ``(splitmix64(display_id ^ splitmix64(seed)) >> 11) / 2**53``."""
-    key = splitmix64(np.array([seed], dtype=np.uint64))[0]
+    key = splitmix64(np.array([int(seed) % 2**64], dtype=np.uint64))[0]
     ids = np.asarray(display_ids, dtype=np.int64).view(np.uint64)
     return (splitmix64(ids ^ key) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 

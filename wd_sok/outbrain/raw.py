@@ -62,6 +62,7 @@ AFFECTED = {
     "documents_entities": ["entity_id_list", "document_id_document_id_promo_sim_entities"],
     "documents_categories": ["category_id_list", "document_id_document_id_promo_sim_categories"],
 }
+GEO_COLUMNS = ("geo_location", "geo_location_country", "geo_location_state")
 FILLS = {
     "promoted_content": "ids 0 (unknown), CTRs 0.0, promo view count 0 (then log1p + normalisation), "
                         "similarities 0.0, publish age = train median",
@@ -149,7 +150,7 @@ def load_side_tables(input_dir: Path) -> SideTables:
 
 def load_events(path: Path, seed: int) -> pd.DataFrame:
     """events.csv -> DataFrame indexed by display_id (unique, sorted) with document_id, timestamp, platform,
-    geo_location (category), day (int64) and is_train (bool)."""
+    the 3 geo ids (float64, see :func:`~wd_sok.outbrain.features.geo_parts`), day (int64), is_train (bool)."""
     ev = read_table(path, REQUIRED["events"], dtype={"geo_location": "category"})
     ev = ev.dropna(subset=["display_id", "timestamp"])
     n = len(ev)
@@ -159,6 +160,11 @@ def load_events(path: Path, seed: int) -> pd.DataFrame:
     ev["display_id"] = ev["display_id"].astype(np.int64)
     ev = ev.set_index("display_id").sort_index()
     ev["day"] = (ev["timestamp"].astype(np.int64) // F.MS_PER_DAY).astype(np.int64)
+    # geo string ids, computed once per distinct geo_location (category codes -> ids)
+    geo = ev.pop("geo_location").astype("category")
+    codes = geo.cat.codes.to_numpy()
+    for col, ids in zip(GEO_COLUMNS, F.geo_parts(pd.Series(geo.cat.categories.astype(object))), strict=True):
+        ev[col] = np.where(codes >= 0, ids[np.maximum(codes, 0)] if len(ids) else np.nan, np.nan)
     ev["is_train"] = F.is_train(ev["day"].to_numpy(), F.display_uniform(ev.index.to_numpy(), seed))
     return ev
 
@@ -172,8 +178,8 @@ def join_chunk(clicks: pd.DataFrame, events: pd.DataFrame, side: SideTables) -> 
                         "clicked": clicks["clicked"].to_numpy(np.float32)})
     out["document_id"] = F.as_float(ev["document_id"])
     out["platform"] = F.as_float(ev["platform"])
-    geo = ev["geo_location"].astype(object)
-    out["geo_location"], out["geo_location_country"], out["geo_location_state"] = F.geo_parts(geo)
+    for col in GEO_COLUMNS:
+        out[col] = ev[col].to_numpy(np.float64)
     n = len(out)
     nan = np.full(n, np.nan)
     if side.promoted is not None:
@@ -239,7 +245,7 @@ def stage(input_dir: str | Path, stage_dir: str | Path, seed: int = 0, chunk_row
     test_ids = events.index.to_numpy()[~events["is_train"].to_numpy()]
     bounds = test_ids[test_bucket_displays::test_bucket_displays]  # display-id ranges bucketing the test set
     rows = {"train": 0, "test": 0}
-    dropped = covered = 0
+    dropped = covered = incomplete = 0
     train_files: list[Path] = []
     bucket_chunks: dict[int, list[Path]] = {}
     header = pd.read_csv(paths["clicks_train"], nrows=0).columns
@@ -251,7 +257,9 @@ def stage(input_dir: str | Path, stage_dir: str | Path, seed: int = 0, chunk_row
                               na_values=NA_VALUES)
     seen = np.zeros(len(events), dtype=bool)  # events rows (displays) with at least one click row
     for i, clicks in enumerate(clicks_iter):
-        clicks = clicks.dropna()
+        complete = clicks.notna().all(axis=1).to_numpy()
+        incomplete += int((~complete).sum())
+        clicks = clicks[complete]
         position = events.index.get_indexer(clicks["display_id"].to_numpy(np.int64))
         known = position >= 0
         dropped += int((~known).sum())
@@ -281,6 +289,10 @@ def stage(input_dir: str | Path, stage_dir: str | Path, seed: int = 0, chunk_row
     if dropped:
         _warn(f"{paths['clicks_train']}: {dropped} click rows have no display in {paths['events'].name} "
               f"(no timestamp to split on); they are dropped")
+    if incomplete:
+        _warn(f"{paths['clicks_train']}: {incomplete} rows with an empty display_id, ad_id or clicked "
+              f"are dropped")
+    dropped += incomplete
     coverage = None
     if side.promoted is not None and total:
         coverage = covered / total

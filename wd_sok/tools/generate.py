@@ -151,7 +151,7 @@ class PlantedSignal:
         rank_to_id: per categorical feature, int64[cardinality]: id of each popularity rank.
         weights: per categorical feature, float64[cardinality]: w_f, centred and scaled under the
             id distribution so each feature adds the same variance to s.
-        numeric_weights: float64[n_numerical]: v, in ``spec.numerical`` order.
+        numeric_weights: float64[n_numerical]: v, in the order of ``numerical`` (the spec's names).
         bias: b, added to s only without display groups.
         grouped: True when clicks are drawn per display group (the spec has a map channel).
     """

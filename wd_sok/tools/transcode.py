@@ -287,9 +287,8 @@ def transcode_mapping(spec: FeatureSpec, mapping: str, out_dir: Path,
                       chunk_size: int) -> tuple[list[str], int]:
     """Write one mapping's parts under ``out_dir/mapping``; return (relative part paths, rows)."""
     wanted = {n for c in CHANNELS for n in spec.channel(c)}
-    chunks = spec.source_spec[mapping]
-    names = [[n for n in chunk["features"] if n in wanted] for chunk in chunks]
-    streams = [_Rows(read_chunk(spec, chunk, feats)) for chunk, feats in zip(chunks, names, strict=True)]
+    chunks = [c for c in spec.source_spec[mapping] if any(n in wanted for n in c["features"])]
+    streams = [_Rows(read_chunk(spec, c, [n for n in c["features"] if n in wanted])) for c in chunks]
     map_name = spec.map_feature if mapping == TEST and spec.map_feature else None
     block = max(1 << 16, chunk_size)
     (out_dir / mapping).mkdir()
