@@ -38,6 +38,9 @@ class Config:
     model_dir: str = _f("runs/checkpoints", "Where checkpoints are written (the last two are kept)",
                         "location of datasets")
     results_dir: str = _f("runs/results", "Where logs and results are written", "location of datasets")
+    export_dir: str = _f("", "After training (or with --evaluate), write a TensorFlow SavedModel here whose "
+                         "serving signature takes the spec's raw features and returns click probabilities",
+                         "location of datasets")
     log_filename: str = _f("log.json", "DLLogger-format log file name inside results_dir",
                            "location of datasets")
     # training parameters
@@ -54,6 +57,10 @@ class Config:
                                    "training parameters")
     deep_warmup_epochs: float = _f(6.0, "Epochs of linear learning-rate warm-up of the deep part",
                                    "training parameters")
+    nan_policy: str = _f("reject", "Non-finite numerical values: reject (error naming file, feature, row) or "
+                         "fill with zero", "training parameters", choices=["reject", "zero"])
+    checkpoint_steps: int = _f(0, "Also checkpoint every N training steps (0: only at epoch ends and on "
+                               "SIGINT/SIGTERM)", "training parameters")
     seed: int = _f(0, "Seed for initialisation, dropout and data order (every rank agrees)",
                    "training parameters")
     # model construction
@@ -131,6 +138,14 @@ def check_config(cfg: Config) -> list[str]:
         problems.append(f"--deep_hidden_units must all be >= 1, got {cfg.deep_hidden_units}")
     if cfg.benchmark and (cfg.benchmark_steps < 1 or cfg.benchmark_warmup_steps < 0):
         problems.append("--benchmark needs --benchmark_steps >= 1 and --benchmark_warmup_steps >= 0")
+    if cfg.deep_warmup_epochs > cfg.num_epochs:
+        problems.append(f"--deep_warmup_epochs {cfg.deep_warmup_epochs} exceeds --num_epochs {cfg.num_epochs}")
+    if cfg.embedding_backend == "sok" and cfg.cpu:
+        problems.append("--embedding_backend sok needs GPUs; it cannot run with --cpu (use sharded)")
+    if cfg.benchmark and cfg.max_steps:
+        problems.append("--benchmark times --benchmark_steps steps; do not combine it with --max_steps")
+    if cfg.checkpoint_steps < 0:
+        problems.append(f"--checkpoint_steps must be >= 0, got {cfg.checkpoint_steps}")
     if cfg.max_steps < 0:
         problems.append(f"--max_steps must be >= 0, got {cfg.max_steps}")
     return problems

@@ -34,6 +34,11 @@ def run(cfg: Config) -> int:
             metrics = trainer.fit()
             reporter.final(metrics)
             reporter.info(f"done: {_summary(metrics)}; logs in {cfg.results_dir}, checkpoints in {cfg.model_dir}")
+        if cfg.export_dir and not cfg.benchmark:
+            from wd_sok.export import export_saved_model
+
+            export_saved_model(trainer, cfg.export_dir)
+            reporter.info(f"exported SavedModel to {cfg.export_dir}")
     except (SpecError, CheckpointError, ValueError) as e:
         print(f"wd-sok: error: {e}", file=sys.stderr, flush=True)
         return 2

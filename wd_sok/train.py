@@ -47,9 +47,9 @@ class Trainer:
         self.local_batch = cfg.global_batch_size // runtime.size
         with_map = cfg.map_calculation_enabled
         self.train_data = DataLoader(self.spec, TRAIN, self.local_batch, runtime.rank, runtime.size,
-                                     shuffle=True, seed=cfg.seed, drop_last=True)
+                                     shuffle=True, seed=cfg.seed, drop_last=True, nan_policy=cfg.nan_policy)
         self.eval_data = DataLoader(self.spec, TEST, cfg.eval_batch_size // runtime.size, runtime.rank,
-                                    runtime.size, with_map=with_map)
+                                    runtime.size, with_map=with_map, nan_policy=cfg.nan_policy)
         self.steps_per_epoch = runtime.min_int(len(self.train_data), "steps_per_epoch")
         if self.steps_per_epoch == 0 and not cfg.evaluate:
             rows = runtime.sum_host(np.array([self.train_data.rows]), "train_rows")[0]
@@ -133,6 +133,8 @@ class Trainer:
                         "deep_lr": float(self.deep_opt._decayed_lr(tf.float32)),  # noqa: SLF001
                         "eta_s": (self.steps_per_epoch - self.step_in_epoch) * samples_per_step / rate})
                     loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+                if cfg.checkpoint_steps and self.global_step % cfg.checkpoint_steps == 0:
+                    self.save()
                 if stop.requested or (cfg.max_steps and self.global_step >= cfg.max_steps):
                     break
             if stop.requested:

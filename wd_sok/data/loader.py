@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import tensorflow as tf
 
 from wd_sok.data.batch import Batch
+from wd_sok.data.checks import check_file
 from wd_sok.feature_spec import TEST, FeatureSpec, SpecError
 
 # Merlin warns about GPU-less operation on every import; that is this project's normal CPU mode.
@@ -72,13 +73,16 @@ class DataLoader:
         seed: base seed; epoch e shuffles with a seed derived from (seed, e), the same on every rank.
         drop_last: drop a final partial batch.
         with_map: also yield the map (display) ids (test mapping with a map channel).
+        check_values: scan the files once for out-of-range ids, over-long lists, NaN/inf, bad labels.
+        nan_policy: "reject" non-finite numerics (an error naming file, feature, row), or fill them with "zero".
     """
 
     def __init__(self, spec: FeatureSpec, mapping: str, batch_size: int, rank: int = 0, world: int = 1,
                  shuffle: bool = False, seed: int = 0, drop_last: bool = False, with_map: bool = False,
-                 device: str | None = None) -> None:
+                 device: str | None = None, check_values: bool = True, nan_policy: str = "reject") -> None:
         self.spec, self.mapping, self.batch_size = spec, mapping, batch_size
         self.shuffle, self.seed, self.drop_last, self.rank = shuffle, seed, drop_last, rank
+        self.fill_nan = nan_policy == "zero"
         self.map_feature = spec.map_feature if (with_map and mapping == TEST) else None
         if with_map and mapping == TEST and self.map_feature is None:
             raise SpecError(f"{spec.origin}: MAP@12 needs a 'map' channel (or pass --disable_map_calculation)")
@@ -91,6 +95,8 @@ class DataLoader:
             if n == 0:
                 raise SpecError(f"{path}: parquet file has no rows")
             check_columns(path, spec, self.columns)
+            if check_values:
+                check_file(path, spec, self.columns, nan_policy)
             self.rows += n
         self.device = device or ("cpu" if not tf.config.list_physical_devices("GPU") else None)
         self.epoch = 0
@@ -145,6 +151,8 @@ class DataLoader:
         label = tf.reshape(tf.cast(inputs[spec.label], tf.float32), [-1])
         if spec.numerical:
             numerical = tf.stack([tf.cast(tf.reshape(inputs[n], [-1]), tf.float32) for n in spec.numerical], 1)
+            if self.fill_nan:
+                numerical = tf.where(tf.math.is_finite(numerical), numerical, tf.zeros_like(numerical))
         else:
             numerical = tf.zeros([tf.shape(label)[0], 0], tf.float32)
         map_ids = tf.cast(tf.reshape(inputs[self.map_feature], [-1]), tf.int64) if self.map_feature else None

@@ -1,0 +1,72 @@
+"""One pass over a rank's parquet files before training: every value the model would choke on is named.
+
+Checks, per file and column (pyarrow compute; no Python loop over rows):
+  - categorical ids in [0, cardinality)  (one-hot, and every id inside multi-hot lists);
+  - multi-hot lists no longer than max_hotness;
+  - numerical values finite (NaN / inf rejected, unless the run fills them with 0: ``--nan_policy zero``);
+  - labels in {0, 1};
+  - nulls in any column.
+Each failure is a :class:`~wd_sok.feature_spec.SpecError` "<file>: feature '<name>': <what> (row <i>: <value>)".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from wd_sok.feature_spec import FeatureSpec, SpecError
+
+NAN_POLICIES = ("reject", "zero")
+
+
+def _first(mask: pa.Array | np.ndarray) -> int:
+    """Index of the first True of a boolean array."""
+    arr = mask.to_numpy(zero_copy_only=False) if isinstance(mask, pa.Array | pa.ChunkedArray) else mask
+    return int(np.flatnonzero(arr)[0])
+
+
+def check_file(path: Path, spec: FeatureSpec, columns: list[str], nan_policy: str = "reject") -> None:
+    """Raise SpecError at the first bad value in ``path`` (see the module docstring)."""
+    table = pq.read_table(path, columns=columns)
+    for name in columns:
+        col = table.column(name).combine_chunks()
+
+        def fail(what: str, row: int, value: object, name: str = name) -> SpecError:
+            return SpecError(f"{path}: feature '{name}': {what} (row {row}: {value!r})")
+
+        if col.null_count:
+            row = _first(col.is_null())
+            raise fail("missing value", row, None)
+        if name in spec.categorical:
+            card = spec.cardinality(name)
+            if name in spec.multihot:
+                lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+                hot = spec.max_hotness(name)
+                if lengths.size and lengths.max() > hot:
+                    row = _first(lengths > hot)
+                    raise fail(f"list longer than max_hotness {hot}", row, col[row].as_py())
+                values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+                owner = np.repeat(np.arange(len(col)), lengths)
+            else:
+                values = col.to_numpy(zero_copy_only=False)
+                owner = np.arange(len(col))
+            bad = (values < 0) | (values >= card)
+            if bad.any():
+                i = _first(bad)
+                raise fail(f"id outside [0, {card})", int(owner[i]), int(values[i]))
+        elif name in spec.numerical and nan_policy == "reject":
+            values = col.to_numpy(zero_copy_only=False)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                i = _first(bad)
+                raise fail("not a finite number (use --nan_policy zero to fill with 0)", i, float(values[i]))
+        elif name == spec.label:
+            values = col.to_numpy(zero_copy_only=False)
+            bad = (values != 0) & (values != 1)
+            if bad.any():
+                i = _first(bad)
+                raise fail("label must be 0 or 1", i, float(values[i]))
