@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from wd_sok.config import Config
 from wd_sok.feature_spec import SpecError
@@ -19,9 +21,15 @@ def run(cfg: Config) -> int:
 
     runtime = Runtime()
     _setup_devices(tf, cfg, runtime.local_rank)
-    reporter = Reporter(cfg.results_dir, cfg.log_filename, enabled=runtime.is_chief)
+    reporter = None
     try:
-        trainer = Trainer(cfg, runtime, reporter)
+        if runtime.is_chief:
+            for flag in ("model_dir", "results_dir"):
+                _check_writable(flag, getattr(cfg, flag))
+        trainer = Trainer(cfg, runtime)
+        # the log starts once the run is known to be able to start: a rejected run leaves no output behind
+        reporter = Reporter(cfg.results_dir, cfg.log_filename, enabled=runtime.is_chief, append=cfg.use_checkpoint)
+        trainer.attach(reporter)
         if cfg.use_checkpoint:
             trainer.restore()
         if cfg.benchmark:
@@ -30,24 +38,39 @@ def run(cfg: Config) -> int:
         elif cfg.evaluate:
             metrics = trainer.evaluate()
             reporter.final(metrics)
+            reporter.info(f"evaluated: {_summary(metrics)}")
         else:
             metrics = trainer.fit()
             reporter.final(metrics)
+            reporter.plot_learning_curve()
             reporter.info(f"done: {_summary(metrics)}; logs in {cfg.results_dir}, checkpoints in {cfg.model_dir}")
         if cfg.export_dir and not cfg.benchmark:
             from wd_sok.export import export_saved_model
 
             export_saved_model(trainer, cfg.export_dir)
             reporter.info(f"exported SavedModel to {cfg.export_dir}")
-    except (SpecError, CheckpointError, ValueError) as e:
+    except (SpecError, CheckpointError, ValueError, OSError) as e:
         print(f"wd-sok: error: {e}", file=sys.stderr, flush=True)
         return 2
     except Interrupted as e:
-        reporter.info(str(e))
-        return 130
+        print(f"wd-sok: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     finally:
-        reporter.close()
+        if reporter is not None:
+            reporter.close()
     return 0
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """Create ``path`` if needed and prove a file can be written there; else a ValueError naming the flag."""
+    target = Path(path)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / f".wd_sok_write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--{flag} {path} is not writable ({e.strerror})") from None
 
 
 def _summary(metrics: dict) -> str:

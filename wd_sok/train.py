@@ -31,12 +31,17 @@ from wd_sok.steps import make_eval_step, make_train_step
 class Interrupted(Exception):
     """SIGINT / SIGTERM arrived; a checkpoint was saved."""
 
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
 
 class Trainer:
     """Everything one run needs, built from the config and the feature spec."""
 
-    def __init__(self, cfg: Config, runtime: Runtime, logger: Reporter) -> None:
-        self.cfg, self.rt, self.log = cfg, runtime, logger
+    def __init__(self, cfg: Config, runtime: Runtime) -> None:
+        self.cfg, self.rt = cfg, runtime
+        self.log = Reporter(cfg.results_dir, cfg.log_filename, enabled=False)  # silent until attach()
         self.spec = FeatureSpec.from_yaml(Path(cfg.dataset_path) / cfg.fspec_file)
         self.spec.validate(world_size=runtime.size)
         gpu = bool(tf.config.list_physical_devices("GPU")) and not cfg.cpu
@@ -81,8 +86,14 @@ class Trainer:
         first = next(iter(self.eval_data))
         self.model(_head(first, 2), training=False)
         self.rt.broadcast_variables(self.model.dense_variables)
+
+    def attach(self, reporter: Reporter) -> None:
+        """Start reporting: the resolved configuration and run facts go to the log first."""
+        self.log = reporter
         self.log.params({"backend": self.backend, "ranks": self.rt.size, "steps_per_epoch": self.steps_per_epoch,
                          "parameters": self.parameter_count(), **_jsonable(self.cfg)})
+        self.log.info(f"{self.parameter_count():,} parameters, backend {self.backend}, {self.rt.size} rank(s), "
+                      f"{self.steps_per_epoch} steps/epoch of {self.local_batch * self.rt.size} samples")
 
     def parameter_count(self) -> int:
         """Total (global) parameters: whole tables plus dense weights."""
@@ -131,7 +142,8 @@ class Trainer:
                     self.log.step([self.epoch, self.step_in_epoch], {
                         "loss": loss[0] / (loss[1] * self.local_batch), "train_throughput": rate,
                         "deep_lr": float(self.deep_opt._decayed_lr(tf.float32)),  # noqa: SLF001
-                        "eta_s": (self.steps_per_epoch - self.step_in_epoch) * samples_per_step / rate})
+                        "eta_s": (self.steps_per_epoch - self.step_in_epoch) * samples_per_step / rate},
+                        global_step=self.global_step)
                     loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
                 if cfg.checkpoint_steps and self.global_step % cfg.checkpoint_steps == 0:
                     self.save()
@@ -139,8 +151,9 @@ class Trainer:
                     break
             if stop.requested:
                 self.save()
+                stop.restore()
                 raise Interrupted(f"signal {stop.signum}: checkpoint saved at epoch {self.epoch} step "
-                                  f"{self.step_in_epoch}")
+                                  f"{self.step_in_epoch}", stop.signum)
             finished_epoch = self.step_in_epoch >= self.steps_per_epoch
             if finished_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -184,6 +197,9 @@ class Trainer:
             out["streaming_map_val"] = float(s[0] / max(s[1], 1))
             out["map_groups"], out["map_skipped_no_click"], out["map_skipped_multi_click"] = (
                 int(s[1]), int(s[2]), int(s[3]))
+            if s[2] or s[3]:
+                self.log.info(f"warning: MAP@12 is undefined for {int(s[2])} display group(s) without a click "
+                              f"and {int(s[3])} with several; they were skipped (map_skipped_* in the log)")
         return out
 
     # ------------------------------------------------------------------ benchmark
