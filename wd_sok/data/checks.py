@@ -3,9 +3,9 @@
 Checks, per file and column (pyarrow compute; no Python loop over rows):
   - categorical ids in [0, cardinality)  (one-hot, and every id inside multi-hot lists);
   - multi-hot lists no longer than max_hotness;
-  - numerical values finite (NaN / inf rejected, unless the run fills them with 0: ``--nan_policy zero``);
+  - numerical values finite (NaN, null or inf rejected, unless the run fills them with 0: ``--nan_policy zero``);
   - labels in {0, 1};
-  - nulls in any column.
+  - nulls in any other column.
 Each failure is a :class:`~wd_sok.feature_spec.SpecError` "<file>: feature '<name>': <what> (row <i>: <value>)".
 """
 
@@ -38,7 +38,7 @@ def check_file(path: Path, spec: FeatureSpec, columns: list[str], nan_policy: st
         def fail(what: str, row: int, value: object, name: str = name) -> SpecError:
             return SpecError(f"{path}: feature '{name}': {what} (row {row}: {value!r})")
 
-        if col.null_count:
+        if col.null_count and name not in spec.numerical:  # a numerical null reads as NaN: the NaN policy
             row = _first(col.is_null())
             raise fail("missing value", row, None)
         if name in spec.categorical:

@@ -1,0 +1,305 @@
+"""Export a trained model as a TensorFlow SavedModel that serves click probabilities from raw features.
+
+Whatever backend trained the model (replicated, sharded over N ranks, SOK), the export is the same: every
+rank takes part in gathering whole tables in global row order (a collective for sharded backends), then
+rank 0 alone builds a *replicated*, float32, dropout-free, non-XLA copy of the model, loads the gathered
+values into it and saves it. The SavedModel needs only TensorFlow to run (no wd_sok, no Horovod, no SOK).
+
+Serving signature ``serving_default`` (every input is 1-D; B rows per request, B may be 0):
+
+=====================  ========================  ==================================================
+input                  shape / dtype             meaning
+=====================  ========================  ==================================================
+``<onehot>``           [B], the spec's int dtype one id per row, in [0, cardinality)
+``<multihot>__values`` [N], the spec's int dtype all rows' ids concatenated (Merlin's convention)
+``<multihot>__offsets`` [B + 1] int64            row i is values[offsets[i]:offsets[i+1]]; offsets[0] = 0
+``<numerical>``        [B] float32               one value per row
+=====================  ========================  ==================================================
+
+Output: ``{"probability": [B] float32}``, sigmoid of the Wide & Deep logit. Ids outside [0, cardinality),
+malformed offsets or inputs of different row counts are an InvalidArgumentError (never a silent zero).
+
+Layout of the export folder (written to a temporary sibling, then renamed into place)::
+
+    saved_model.pb, variables/          the SavedModel
+    assets/feature_spec.yaml            the training feature spec (source paths are the training data's)
+    assets/signature.json               inputs, output, tables, hidden units, training facts (machine-readable)
+    assets/README.md                    the same for people, with a usage example
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from wd_sok.data.batch import Batch
+from wd_sok.embedding import make_embedding
+from wd_sok.embedding.base import EmbeddingCollection
+from wd_sok.model import WideDeepModel
+from wd_sok.state import import_state
+
+SIGNATURE = "serving_default"
+OUTPUT = "probability"
+VALUES, OFFSETS = "__values", "__offsets"
+_INPUT_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")  # what TensorFlow accepts as a signature input
+
+
+def export_saved_model(trainer: Any, export_dir: str | Path) -> None:
+    """Write ``trainer``'s model to ``export_dir`` as a SavedModel (see the module docstring).
+
+    Collective: every rank must call it (sharded tables are gathered); only rank 0 writes. An existing
+    ``export_dir`` is replaced atomically if it is empty or holds a SavedModel, else it is an error.
+
+    Args:
+        trainer: a built :class:`wd_sok.train.Trainer` (uses ``.model``, ``.spec``, ``.rt``, ``.cfg``,
+            ``.deep_opt``, ``.backend``, ``.epoch``).
+        export_dir: destination folder.
+    """
+    export_dir = Path(export_dir)
+    model: WideDeepModel = trainer.model
+    if trainer.rt.is_chief:
+        _check_destination(export_dir)
+        _input_specs(trainer.spec, model.categorical)  # fail on unservable names before the collective
+    arrays = gather_values(model)  # collective: every rank, same order
+    if not trainer.rt.is_chief:
+        return
+    serving = build_serving_model(model, trainer.rt, arrays)
+    info = describe(trainer, model)
+    with _atomic_dir(export_dir) as tmp:
+        save(serving, trainer.spec, tmp)
+        assets = tmp / "assets"
+        assets.mkdir(exist_ok=True)
+        trainer.spec.to_yaml(assets / "feature_spec.yaml")
+        (assets / "signature.json").write_text(json.dumps(info, indent=2) + "\n")
+        (assets / "README.md").write_text(readme(info))
+
+
+# ----------------------------------------------------------------------------- model copy
+def gather_values(model: WideDeepModel) -> dict[str, np.ndarray]:
+    """Every weight as whole arrays (no optimizer slots), keyed like :func:`wd_sok.state.export_state`.
+
+    Collective for sharded backends: ``export_tables`` allgathers each table on every rank.
+
+    Returns:
+        ``wide/<f>`` [cardinality, 1], ``deep/<f>`` [cardinality, dim], ``dense/<name>`` (any shape),
+        ``opt/wide_iterations`` and ``opt/deep_iterations`` (0: the copy carries no optimizer state).
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for emb in (model.wide_embedding, model.deep_embedding):
+        for key, entry in emb.export_tables(None).items():
+            arrays[key] = np.asarray(entry["value"], np.float32)
+    for name, var in model.named_dense_variables().items():
+        arrays[f"dense/{name}"] = var.numpy().astype(np.float32)
+    arrays["opt/wide_iterations"] = arrays["opt/deep_iterations"] = np.int64(0)
+    return arrays
+
+
+def build_serving_model(model: WideDeepModel, runtime: Any, arrays: dict[str, np.ndarray]) -> WideDeepModel:
+    """A replicated float32 copy of ``model`` (same tables, widths, combiners, hidden units) holding ``arrays``.
+
+    Built on the CPU (rank 0's accelerator is busy with training state); the SavedModel pins no device.
+    """
+    with tf.device("/CPU:0"):
+        wide = _replicated_like(model.wide_embedding, runtime)
+        deep = _replicated_like(model.deep_embedding, runtime)
+        serving = WideDeepModel(model.categorical, model.n_numerical, wide, deep,
+                                [layer.units for layer in model.hidden], dropout=0.0, compute_dtype="float32",
+                                seed=model.seed, xla=False)
+        serving(_dummy_batch(model), training=False)  # create every variable
+        no_slots = tf.keras.optimizers.legacy.SGD  # momentum 0: no slots to create or fill
+        import_state(serving, no_slots(), no_slots(), arrays)
+    return serving
+
+
+def _replicated_like(emb: EmbeddingCollection, runtime: Any) -> EmbeddingCollection:
+    # zeros: the gathered values overwrite them, so skip the (whole-table) glorot draw
+    return make_embedding("replicated", list(emb.tables.values()), "zeros", emb.seed, emb.prefix, runtime)
+
+
+def _dummy_batch(model: WideDeepModel) -> Batch:
+    """One row of id 0 per feature (multi-hot: one id) and zero numerics."""
+    categorical: dict[str, tf.Tensor | tf.RaggedTensor] = {}
+    for name in model.categorical:
+        table = model.deep_embedding.tables[name]
+        zero = tf.zeros([1], tf.int64)
+        categorical[name] = (tf.RaggedTensor.from_row_splits(zero, tf.constant([0, 1], tf.int64))
+                             if table.multihot else zero)
+    return Batch(tf.zeros([1, model.n_numerical], tf.float32), categorical, tf.zeros([1], tf.float32))
+
+
+# ----------------------------------------------------------------------------- signature
+def _input_specs(spec: Any, categorical: list[str]) -> dict[str, tf.TensorSpec]:
+    """Signature inputs by name: one-hot ids [B], multi-hot values [N] + offsets [B+1] int64, numerics [B]."""
+    specs: dict[str, tf.TensorSpec] = {}
+    for name in categorical:
+        dtype = tf.as_dtype(spec.dtype(name))
+        if name in spec.multihot:
+            specs[name + VALUES] = tf.TensorSpec([None], dtype, name=name + VALUES)
+            specs[name + OFFSETS] = tf.TensorSpec([None], tf.int64, name=name + OFFSETS)
+        else:
+            specs[name] = tf.TensorSpec([None], dtype, name=name)
+    for name in spec.numerical:
+        specs[name] = tf.TensorSpec([None], tf.float32, name=name)
+    for name in specs:
+        if not _INPUT_NAME.match(name):
+            raise ValueError(f"feature '{name}' cannot be a SavedModel input name (allowed: letters, digits, "
+                             "'_', '.', '-', '/'; not starting with '_', '-' or '/'); rename it in the spec")
+    if not specs:
+        raise ValueError("the feature spec has no input features to serve")
+    return specs
+
+
+def serving_function(serving: WideDeepModel, spec: Any) -> tf.types.experimental.ConcreteFunction:
+    """The ``serving_default`` concrete function of ``serving`` for ``spec``'s raw features."""
+    specs = _input_specs(spec, serving.categorical)
+    tables = serving.deep_embedding.tables
+    numerical = list(spec.numerical)
+
+    @tf.function(input_signature=[specs])
+    def serve(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        rows = _row_count(inputs, serving.categorical, tables, numerical)
+        checks = []
+        for name in serving.categorical:
+            table = tables[name]
+            msg = f"{name}: ids must lie in [0, {table.cardinality})"
+            flat = tf.cast(inputs[name + VALUES if table.multihot else name], tf.int64)
+            checks += [tf.debugging.assert_non_negative(flat, message=msg),
+                       tf.debugging.assert_less(flat, tf.constant(table.cardinality, tf.int64), message=msg)]
+            if table.multihot:
+                checks.append(tf.debugging.assert_equal(tf.size(inputs[name + OFFSETS], out_type=tf.int64),
+                              rows + 1, message=f"{name}{OFFSETS} must hold B + 1 offsets (B rows)"))
+            else:
+                checks.append(tf.debugging.assert_equal(tf.size(flat, out_type=tf.int64), rows, message=(
+                    f"{name} must hold one id per row (B rows, as the other inputs)")))
+        for name in numerical:
+            checks.append(tf.debugging.assert_equal(tf.size(inputs[name], out_type=tf.int64), rows, message=(
+                f"{name} must hold one value per row (B rows, as the other inputs)")))
+        with tf.control_dependencies(checks):
+            categorical = {}
+            for name in serving.categorical:
+                if tables[name].multihot:
+                    # validate=True: offsets start at 0, never decrease and end at len(values)
+                    categorical[name] = tf.RaggedTensor.from_row_splits(
+                        tf.cast(inputs[name + VALUES], tf.int64), tf.identity(inputs[name + OFFSETS]))
+                else:
+                    categorical[name] = tf.cast(inputs[name], tf.int64)                  # [B]
+            if numerical:
+                x = tf.stack([inputs[n] for n in numerical], axis=1)                     # [B, n]
+            else:
+                x = tf.zeros(tf.stack([rows, 0]), tf.float32)                            # [B, 0]
+            label = tf.zeros(tf.reshape(rows, [1]), tf.float32)                         # [B]
+            logit = serving(Batch(x, categorical, label), training=False)
+        return {OUTPUT: tf.sigmoid(logit)}
+
+    return serve.get_concrete_function()
+
+
+def _row_count(inputs: dict[str, tf.Tensor], categorical: list[str], tables: dict, numerical: list[str]
+               ) -> tf.Tensor:
+    """B (int64 scalar) from the first input that fixes it: a one-hot id, offsets (size - 1), a numeric."""
+    for name in categorical:
+        if tables[name].multihot:
+            return tf.maximum(tf.size(inputs[name + OFFSETS], out_type=tf.int64) - 1, 0)
+        return tf.size(inputs[name], out_type=tf.int64)
+    return tf.size(inputs[numerical[0]], out_type=tf.int64)
+
+
+def save(serving: WideDeepModel, spec: Any, path: Path) -> None:
+    """``tf.saved_model.save`` of ``serving``'s variables with only the serving signature (no Keras state)."""
+    root = tf.Module()
+    root.weights = list(serving.variables)  # tracked, so the signature's captured variables are saved
+    tf.saved_model.save(root, str(path), signatures={SIGNATURE: serving_function(serving, spec)})
+
+
+# ----------------------------------------------------------------------------- description
+def describe(trainer: Any, model: WideDeepModel) -> dict[str, Any]:
+    """The JSON written to ``assets/signature.json``: inputs, output, model shape and training facts."""
+    spec = trainer.spec
+    inputs = {name: {"shape": [None], "dtype": s.dtype.name}
+              for name, s in _input_specs(spec, model.categorical).items()}
+    for name in model.categorical:
+        if name in spec.multihot:
+            inputs[name + VALUES]["meaning"] = f"ids of '{name}', all rows concatenated"
+            inputs[name + OFFSETS]["meaning"] = f"B + 1 row offsets into {name}{VALUES} (first 0)"
+        else:
+            inputs[name]["meaning"] = f"id of '{name}' per row"
+    for name in spec.numerical:
+        inputs[name]["meaning"] = f"numerical '{name}' per row"
+    deep = model.deep_embedding.tables
+    return {
+        "signature": SIGNATURE,
+        "inputs": inputs,
+        "outputs": {OUTPUT: {"shape": [None], "dtype": "float32", "meaning": "click probability (sigmoid)"}},
+        "features": {"onehot": spec.onehot, "multihot": spec.multihot, "numerical": spec.numerical,
+                     "label": spec.label},
+        "tables": [{"name": t.name, "cardinality": t.cardinality, "deep_dim": t.dim, "multihot": t.multihot,
+                    "combiner": t.combiner} for t in deep.values()],
+        "hidden_units": [layer.units for layer in model.hidden],
+        "trained": {"backend": getattr(trainer, "backend", None), "ranks": trainer.rt.size,
+                    "global_step": int(trainer.deep_opt.iterations.numpy()), "epoch": getattr(trainer, "epoch", None),
+                    "amp": bool(trainer.cfg.amp), "combiner": trainer.cfg.combiner, "seed": trainer.cfg.seed},
+        "serving_dtype": "float32",
+        "tensorflow": tf.__version__,
+    }
+
+
+def readme(info: dict[str, Any]) -> str:
+    """``assets/README.md``: the signature in prose and an example request."""
+    shapes = {OFFSETS: "[B + 1]", VALUES: "[total ids]"}
+    lines = ["# wd-sok SavedModel", "",
+             f"Signature `{info['signature']}` returns `{OUTPUT}` [B] float32: the click probability per row.",
+             "Every input is 1-D; B rows per call (B may be 0).", "",
+             "| input | shape | dtype | meaning |", "| --- | --- | --- | --- |"]
+    for name, i in info["inputs"].items():
+        shape = next((v for k, v in shapes.items() if name.endswith(k)), "[B]")
+        lines.append(f"| `{name}` | {shape} | {i['dtype']} | {i['meaning']} |")
+    tables = ", ".join("{name} ({cardinality} x {deep_dim}, {combiner})".format(**t) for t in info["tables"])
+    lines += [
+        "", "Multi-hot features follow Merlin's convention: `<name>__values` holds every row's ids back to back "
+        "and `<name>__offsets` the B + 1 offsets (row i is `values[offsets[i]:offsets[i+1]]`; an empty row pools "
+        "to 0). Ids must lie in [0, cardinality): anything else is an error, as are inputs of different row counts.",
+        "", f"Tables: {tables or 'none'}; hidden units {info['hidden_units']}. Serving runs in float32, no dropout.",
+        "", "```python", "import tensorflow as tf",
+        f"serve = tf.saved_model.load(EXPORT_DIR).signatures[{info['signature']!r}]",
+        f"probability = serve(**features)[{OUTPUT!r}]  # features: input name -> 1-D tensor, as above", "```", "",
+        "`feature_spec.yaml` is the training spec; `signature.json` holds the same facts for programs.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- atomic write
+def _check_destination(export_dir: Path) -> None:
+    """An existing ``export_dir`` may be replaced only if it is empty or holds a SavedModel."""
+    if export_dir.exists() and (not export_dir.is_dir() or (
+            any(export_dir.iterdir()) and not (export_dir / "saved_model.pb").exists())):
+        raise ValueError(f"--export_dir {export_dir} exists and is not an empty folder or a SavedModel; "
+                         "refusing to replace it")
+
+
+@contextlib.contextmanager
+def _atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``, renamed to ``final`` (replacing it) only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            final.rename(old / "previous")
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
