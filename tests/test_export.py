@@ -173,7 +173,7 @@ def test_export_reproduces_evaluate_in_a_fresh_process(data: Path, tmp_path: Pat
     a, b = served.values()
     np.testing.assert_array_equal(a["probs"], b["probs"])  # the same weights, exported after fit / evaluate
     expected = checkpoint_forward(data, run / "ckpt", "mean", HEAD)
-    np.testing.assert_allclose(np.float32(a["head"]), expected, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(np.float32(a["head"]), expected)  # exact
     info = json.loads((tmp_path / "trained" / "assets" / "signature.json").read_text())
     assert set(info["inputs"]) == {"c1", "c2", "m__values", "m__offsets", "x1", "x2"}
     assert info["inputs"]["c2"]["dtype"] == "int64" and info["inputs"]["m__offsets"]["dtype"] == "int64"

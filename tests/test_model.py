@@ -37,7 +37,7 @@ def _numpy_forward(model: WideDeepModel, batch: Batch, combiner: str) -> np.ndar
     d = {k: v.numpy() for k, v in model.deep_embedding.weights_by_name.items()}
     rows_m = batch.categorical["m"].to_list()
     a, b, x = batch.categorical["a"].numpy(), batch.categorical["b"].numpy(), batch.numerical.numpy()
-    out = []
+    wides, deeps = [], []
     for i in range(4):
         wide = model.wide_bias.numpy() + w["a"][a[i], 0] + w["b"][b[i], 0] + sum(w["m"][j, 0] for j in rows_m[i])
         wide += x[i] @ model.wide_kernel.numpy()[:, 0]
@@ -48,8 +48,9 @@ def _numpy_forward(model: WideDeepModel, batch: Batch, combiner: str) -> np.ndar
         for layer in model.hidden:
             h = relu(h @ layer.kernel.numpy() + layer.bias.numpy())
         deep = h @ model.head.kernel.numpy()[:, 0] + model.head.bias.numpy()[0]
-        out.append(wide + deep)
-    return np.array(out)
+        wides.append(wide)
+        deeps.append(deep)
+    return np.array(wides), np.array(deeps)
 
 
 @pytest.mark.parametrize("combiner", ["sum", "mean"])
@@ -61,8 +62,11 @@ def test_forward_matches_numpy(combiner: str) -> None:
     rng = np.random.default_rng(0)
     for var in model.wide_variables:  # the wide part starts at zero: give it values to check
         var.assign(rng.normal(size=var.shape).astype(np.float32))
-    got = model(batch, training=False).numpy()
-    np.testing.assert_allclose(got, _numpy_forward(model, batch, combiner), rtol=1e-5, atol=1e-5)
+    wide, deep = _numpy_forward(model, batch, combiner)
+    ids = batch.categorical
+    np.testing.assert_allclose(model.wide_logit(batch, ids).numpy(), wide, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.deep_logit(batch, ids, training=False).numpy(), deep, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model(batch, training=False).numpy(), wide + deep, rtol=1e-5, atol=1e-5)
 
 
 def test_wide_part_starts_at_zero_and_deep_is_glorot() -> None:
