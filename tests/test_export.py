@@ -116,7 +116,8 @@ def serve_fresh(data: Path, work: Path, *export_dirs: Path) -> dict:
     req = {"files": [str(f) for f in spec.files("test")], "thresholds": 8000, "head": HEAD}
     out = work / "served.json"
     proc = subprocess.run([sys.executable, "-c", SERVE, str(out), *map(str, export_dirs)], input=json.dumps(req),
-                          capture_output=True, text=True, timeout=300, env=env(), cwd=work)
+                          capture_output=True, text=True, timeout=300, cwd=work,
+                          env={k: v for k, v in env().items() if k != "PYTHONPATH"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results.pop("wd_sok_imported") is False
@@ -190,8 +191,15 @@ def test_two_rank_sharded_export(data: Path, tmp_path: Path) -> None:
     got = serve_fresh(data, tmp_path, tmp_path / "sharded")[tmp_path / "sharded"]
     assert got["bce"] == pytest.approx(logged["loss_val"], abs=1e-5)
     assert got["auc"] == pytest.approx(logged["auc_roc"], abs=1e-5)
-    np.testing.assert_allclose(np.float32(got["head"]), checkpoint_forward(data, run / "ckpt", "sum", HEAD),
-                               rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(np.float32(got["head"]), checkpoint_forward(data, run / "ckpt", "sum", HEAD))
+    # an export that rank 0 refuses fails on every rank before the collective gather (no rank left hanging)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("not a SavedModel")
+    argv = ["main.py", "--dataset_path", str(data), "--model_dir", str(run / "ckpt"), "--results_dir",
+            str(tmp_path / "eval"), *TRAIN_ARGS, "--embedding_backend", "sharded", "--evaluate", "--use_checkpoint",
+            "--export_dir", str(tmp_path / "busy")]
+    failed = launch(2, argv, timeout=120)
+    assert failed.returncode != 0 and "refusing to replace" in failed.stdout, failed.stdout[-3000:]
 
 
 # ----------------------------------------------------------------------------- in process, every spec shape
@@ -206,7 +214,8 @@ VARIANTS = {
 }
 
 
-def fake_trainer(channels: dict, combiner: str, seed: int = 0) -> tuple[SimpleNamespace, dict, Batch]:
+def fake_trainer(channels: dict, combiner: str, seed: int = 0, nan_policy: str = "reject"
+                 ) -> tuple[SimpleNamespace, dict, Batch]:
     """A random (untrained) model for the tiny spec with ``channels`` overridden; a request and its Batch."""
     raw = tiny_spec_dict()
     raw["channel_spec"].update(channels)
@@ -232,7 +241,7 @@ def fake_trainer(channels: dict, combiner: str, seed: int = 0) -> tuple[SimpleNa
     model(batch, training=False)
     for var in model.named_dense_variables().values():  # non-zero wide part too
         var.assign(rng.normal(size=var.shape).astype(np.float32))
-    cfg = SimpleNamespace(amp=False, combiner=combiner, seed=0)
+    cfg = SimpleNamespace(amp=False, combiner=combiner, seed=0, nan_policy=nan_policy)
     trainer = SimpleNamespace(model=model, spec=spec, rt=rt, cfg=cfg, deep_opt=tf.keras.optimizers.legacy.RMSprop(),
                               backend="replicated", epoch=0)
     return trainer, request, batch
@@ -265,11 +274,24 @@ def test_bad_requests_are_errors(tmp_path: Path) -> None:
     bad = {"a": dict(request, a=np.full(9, 7, np.int32)),                       # id == cardinality
            "m__values": dict(request, m__values=request["m__values"] - 10),     # negative ids
            "x1": dict(request, x1=request["x1"][:3]),                          # 3 rows, others 9
-           "m__offsets": dict(request, m__offsets=request["m__offsets"][::-1].copy())}  # decreasing
+           "m__offsets": dict(request, m__offsets=request["m__offsets"][::-1].copy()),  # decreasing
+           "x2": dict(request, x2=np.where(np.arange(9) == 4, np.nan, request["x2"]).astype(np.float32))}
     for what, req in bad.items():
         with pytest.raises(tf.errors.InvalidArgumentError):
             serve(**{k: tf.constant(v) for k, v in req.items()})
             pytest.fail(f"bad {what} was served")
+
+
+def test_nan_policy_zero_fills_like_the_loader(tmp_path: Path) -> None:
+    trainer, request, batch = fake_trainer({}, "sum", nan_policy="zero")
+    export_saved_model(trainer, tmp_path / "sm")
+    x1 = request["x1"].copy()
+    x1[[2, 5]] = [np.nan, np.inf]
+    got = call(tmp_path / "sm", dict(request, x1=x1))
+    filled = batch._replace(numerical=tf.where(tf.math.is_finite(tf.constant(np.stack([x1, request["x2"]], 1))),
+                                               batch.numerical, 0.0))
+    np.testing.assert_allclose(got, tf.sigmoid(trainer.model(filled)).numpy(), rtol=0, atol=1e-7)
+    assert json.loads((tmp_path / "sm" / "assets" / "signature.json").read_text())["nan_policy"] == "zero"
 
 
 def test_replaces_only_a_savedmodel_atomically(tmp_path: Path) -> None:

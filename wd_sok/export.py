@@ -7,17 +7,15 @@ values into it and saves it. The SavedModel needs only TensorFlow to run (no wd_
 
 Serving signature ``serving_default`` (every input is 1-D; B rows per request, B may be 0):
 
-=====================  ========================  ==================================================
-input                  shape / dtype             meaning
-=====================  ========================  ==================================================
-``<onehot>``           [B], the spec's int dtype one id per row, in [0, cardinality)
-``<multihot>__values`` [N], the spec's int dtype all rows' ids concatenated (Merlin's convention)
-``<multihot>__offsets`` [B + 1] int64            row i is values[offsets[i]:offsets[i+1]]; offsets[0] = 0
-``<numerical>``        [B] float32               one value per row
-=====================  ========================  ==================================================
+- ``<onehot>``: [B], the spec's integer dtype: one id per row, in [0, cardinality);
+- ``<multihot>__values``: [N], the spec's integer dtype: every row's ids back to back (Merlin's convention);
+- ``<multihot>__offsets``: [B + 1] int64: row i is ``values[offsets[i]:offsets[i+1]]``; offsets[0] = 0, an
+  empty row pools to zeros; pooled by the training combiner (sum or mean);
+- ``<numerical>``: [B] float32: one value per row.
 
 Output: ``{"probability": [B] float32}``, sigmoid of the Wide & Deep logit. Ids outside [0, cardinality),
-malformed offsets or inputs of different row counts are an InvalidArgumentError (never a silent zero).
+malformed offsets or inputs of different row counts are an InvalidArgumentError (never a silent zero); so are
+non-finite numerics, unless training ran with ``--nan_policy zero``, which serving then applies too.
 
 Layout of the export folder (written to a temporary sibling, then renamed into place)::
 
@@ -67,16 +65,24 @@ def export_saved_model(trainer: Any, export_dir: str | Path) -> None:
     """
     export_dir = Path(export_dir)
     model: WideDeepModel = trainer.model
-    if trainer.rt.is_chief:
-        _check_destination(export_dir)
-        _input_specs(trainer.spec, model.categorical)  # fail on unservable names before the collective
+    problem = ""
+    if trainer.rt.is_chief:  # fail before the collective, and on every rank (none is left waiting in it)
+        try:
+            _check_destination(export_dir)
+            _input_specs(trainer.spec, model.categorical)
+        except ValueError as e:
+            problem = str(e)
+    if trainer.rt.size > 1 and trainer.rt.sum_host(np.array([float(bool(problem))]), "export_check")[0]:
+        problem = problem or "rank 0 cannot write the export (see its error)"
+    if problem:
+        raise ValueError(problem)
     arrays = gather_values(model)  # collective: every rank, same order
     if not trainer.rt.is_chief:
         return
     serving = build_serving_model(model, trainer.rt, arrays)
     info = describe(trainer, model)
     with _atomic_dir(export_dir) as tmp:
-        save(serving, trainer.spec, tmp)
+        save(serving, trainer.spec, tmp, info["nan_policy"])
         assets = tmp / "assets"
         assets.mkdir(exist_ok=True)
         trainer.spec.to_yaml(assets / "feature_spec.yaml")
@@ -159,8 +165,12 @@ def _input_specs(spec: Any, categorical: list[str]) -> dict[str, tf.TensorSpec]:
     return specs
 
 
-def serving_function(serving: WideDeepModel, spec: Any) -> tf.types.experimental.ConcreteFunction:
-    """The ``serving_default`` concrete function of ``serving`` for ``spec``'s raw features."""
+def serving_function(serving: WideDeepModel, spec: Any, nan_policy: str = "reject"
+                     ) -> tf.types.experimental.ConcreteFunction:
+    """The ``serving_default`` concrete function of ``serving`` for ``spec``'s raw features.
+
+    ``nan_policy`` treats non-finite numerics as training did: "reject" (an error) or "zero" (filled with 0).
+    """
     specs = _input_specs(spec, serving.categorical)
     tables = serving.deep_embedding.tables
     numerical = list(spec.numerical)
@@ -195,6 +205,10 @@ def serving_function(serving: WideDeepModel, spec: Any) -> tf.types.experimental
                     categorical[name] = tf.cast(inputs[name], tf.int64)                  # [B]
             if numerical:
                 x = tf.stack([inputs[n] for n in numerical], axis=1)                     # [B, n]
+                if nan_policy == "zero":
+                    x = tf.where(tf.math.is_finite(x), x, tf.zeros_like(x))
+                else:
+                    x = tf.debugging.assert_all_finite(x, "numerical inputs must be finite (NaN / inf)")
             else:
                 x = tf.zeros(tf.stack([rows, 0]), tf.float32)                            # [B, 0]
             label = tf.zeros(tf.reshape(rows, [1]), tf.float32)                         # [B]
@@ -214,11 +228,11 @@ def _row_count(inputs: dict[str, tf.Tensor], categorical: list[str], tables: dic
     return tf.size(inputs[numerical[0]], out_type=tf.int64)
 
 
-def save(serving: WideDeepModel, spec: Any, path: Path) -> None:
+def save(serving: WideDeepModel, spec: Any, path: Path, nan_policy: str = "reject") -> None:
     """``tf.saved_model.save`` of ``serving``'s variables with only the serving signature (no Keras state)."""
     root = tf.Module()
     root.weights = list(serving.variables)  # tracked, so the signature's captured variables are saved
-    tf.saved_model.save(root, str(path), signatures={SIGNATURE: serving_function(serving, spec)})
+    tf.saved_model.save(root, str(path), signatures={SIGNATURE: serving_function(serving, spec, nan_policy)})
 
 
 # ----------------------------------------------------------------------------- description
@@ -249,6 +263,7 @@ def describe(trainer: Any, model: WideDeepModel) -> dict[str, Any]:
                     "global_step": int(trainer.deep_opt.iterations.numpy()), "epoch": getattr(trainer, "epoch", None),
                     "amp": bool(trainer.cfg.amp), "combiner": trainer.cfg.combiner, "seed": trainer.cfg.seed},
         "serving_dtype": "float32",
+        "nan_policy": getattr(trainer.cfg, "nan_policy", "reject"),
         "tensorflow": tf.__version__,
     }
 
@@ -268,6 +283,8 @@ def readme(info: dict[str, Any]) -> str:
         "", "Multi-hot features follow Merlin's convention: `<name>__values` holds every row's ids back to back "
         "and `<name>__offsets` the B + 1 offsets (row i is `values[offsets[i]:offsets[i+1]]`; an empty row pools "
         "to 0). Ids must lie in [0, cardinality): anything else is an error, as are inputs of different row counts.",
+        "", "Non-finite numerical values: " + ("replaced by 0 (trained with --nan_policy zero)."
+                                               if info["nan_policy"] == "zero" else "an error (--nan_policy reject)."),
         "", f"Tables: {tables or 'none'}; hidden units {info['hidden_units']}. Serving runs in float32, no dropout.",
         "", "```python", "import tensorflow as tf",
         f"serve = tf.saved_model.load(EXPORT_DIR).signatures[{info['signature']!r}]",
@@ -283,6 +300,12 @@ def _check_destination(export_dir: Path) -> None:
             any(export_dir.iterdir()) and not (export_dir / "saved_model.pb").exists())):
         raise ValueError(f"--export_dir {export_dir} exists and is not an empty folder or a SavedModel; "
                          "refusing to replace it")
+    try:
+        export_dir.parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=f".{export_dir.name}.probe-", dir=export_dir.parent))
+        probe.rmdir()
+    except OSError as e:
+        raise ValueError(f"--export_dir {export_dir}: cannot write beside it ({e.strerror})") from None
 
 
 @contextlib.contextmanager

@@ -26,6 +26,8 @@ def run(cfg: Config) -> int:
         if runtime.is_chief:
             for flag in ("model_dir", "results_dir"):
                 _check_writable(flag, getattr(cfg, flag))
+            if cfg.export_dir:
+                _check_writable("export_dir", str(Path(cfg.export_dir).parent))
         trainer = Trainer(cfg, runtime)
         # the log starts once the run is known to be able to start: a rejected run leaves no output behind
         reporter = Reporter(cfg.results_dir, cfg.log_filename, enabled=runtime.is_chief, append=cfg.use_checkpoint)
