@@ -83,3 +83,22 @@ def test_missing_file_and_wrong_dtype_are_named(tiny_dataset: Path) -> None:
     df.to_parquet(tiny_dataset / "test/part_0.parquet")
     with pytest.raises(SpecError, match=r"part_0.parquet: feature 'a': dtype float32 does not match the spec's int32"):
         DataLoader(spec, "test", 16)
+
+
+@pytest.mark.parametrize("empty_rows", ["tail", "file"])
+def test_multihot_batches_without_any_id(tiny_dataset: Path, empty_rows: str) -> None:
+    """Merlin 23.8 crashed (KeyError: 0 in its loader thread) on a chunk whose lists are all empty: the last
+    partial batch (``tail``: 50 rows = 3 x 16 + 2 empty ones) or a whole file of empty lists (``file``)."""
+    path = tiny_dataset / "train/part_0.parquet"
+    df = pd.read_parquet(path)
+    empty = np.arange(len(df)) >= len(df) - 2 if empty_rows == "tail" else np.ones(len(df), bool)
+    df["m"] = [np.array([], np.int32) if e else v for v, e in zip(df["m"], empty, strict=True)]
+    df.to_parquet(path)
+    spec = FeatureSpec.from_yaml(tiny_dataset / "feature_spec.yaml")
+    loader = DataLoader(spec, "train", 16, rank=0, world=4)  # rank 0 of 4 reads part_0 alone
+    batches = list(loader)
+    assert [len(b.label) for b in batches] == [16, 16, 16, 2]
+    assert all(b.categorical["m"].dtype.name == "int32" for b in batches)
+    got = [tuple(r) for b in batches for r in b.categorical["m"].to_list()]
+    assert got == [tuple(int(v) for v in r) for r in df["m"]]
+    assert batches[-1].categorical["m"].flat_values.shape == (0,)

@@ -57,6 +57,10 @@ class Config:
                                    "training parameters")
     deep_warmup_epochs: float = _f(6.0, "Epochs of linear learning-rate warm-up of the deep part",
                                    "training parameters")
+    rmsprop_update: str = _f("lazy", "Sparse RMSprop update of the deep tables: lazy (O(rows touched), decays "
+                             "owed applied when a row is next read; same weights) or dense (Keras' legacy update: "
+                             "decays every row of every table each step, as the reference)",
+                             "training parameters", choices=["lazy", "dense"])
     nan_policy: str = _f("reject", "Non-finite numerical values: reject (error naming file, feature, row) or "
                          "fill with zero", "training parameters", choices=["reject", "zero"])
     checkpoint_steps: int = _f(0, "Also checkpoint every N training steps (0: only at epoch ends and on "

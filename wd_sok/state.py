@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from wd_sok.embedding.base import ensure_slots, slot_names
+from wd_sok.embedding.base import ensure_slots, read_slot, slot_names, write_slot
 from wd_sok.model import WideDeepModel
 
 Optimizer = tf.keras.optimizers.legacy.Optimizer
@@ -28,7 +28,7 @@ def export_state(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer)
         opt = wide_opt if id(var) in wide_ids else deep_opt
         for slot in slot_names(opt):
             try:
-                arrays[f"dense/{name}:{slot}"] = opt.get_slot(var, slot).numpy()
+                arrays[f"dense/{name}:{slot}"] = read_slot(opt, var, slot).numpy()
             except KeyError:  # slots not created yet (no step taken): nothing to save
                 pass
     arrays["opt/wide_iterations"] = np.int64(wide_opt.iterations.numpy())
@@ -39,6 +39,8 @@ def export_state(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer)
 def import_state(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer,
                  arrays: dict[str, np.ndarray]) -> None:
     """Inverse of :func:`export_state`; the model must be built (called once)."""
+    wide_opt.iterations.assign(int(arrays["opt/wide_iterations"]))  # first: lazy slots are relative to it
+    deep_opt.iterations.assign(int(arrays["opt/deep_iterations"]))
     for emb, opt in ((model.wide_embedding, wide_opt), (model.deep_embedding, deep_opt)):
         tables = {}
         for name in emb.tables:
@@ -60,6 +62,4 @@ def import_state(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer,
         opt = wide_opt if id(var) in wide_ids else deep_opt
         for slot in slot_names(opt):
             if f"{key}:{slot}" in arrays:
-                opt.get_slot(var, slot).assign(arrays[f"{key}:{slot}"])
-    wide_opt.iterations.assign(int(arrays["opt/wide_iterations"]))
-    deep_opt.iterations.assign(int(arrays["opt/deep_iterations"]))
+                write_slot(opt, var, slot, arrays[f"{key}:{slot}"])

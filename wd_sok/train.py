@@ -22,6 +22,7 @@ from wd_sok.embedding import make_embedding, resolve_backend
 from wd_sok.feature_spec import TEST, TRAIN, FeatureSpec
 from wd_sok.metrics import StreamingAuc, StreamingBce, StreamingMap, auc_from_counts
 from wd_sok.model import WideDeepModel
+from wd_sok.optim import LazyRMSprop
 from wd_sok.reporting import Reporter
 from wd_sok.schedule import DeepLrSchedule
 from wd_sok.state import export_state, import_state
@@ -71,7 +72,8 @@ class Trainer:
             make_embedding(self.backend, deep_tables, "glorot_normal", cfg.seed, "deep", runtime),
             cfg.deep_hidden_units, cfg.deep_dropout, compute_dtype=compute, seed=cfg.seed, xla=cfg.xla)
         self.wide_opt = tf.keras.optimizers.legacy.Ftrl(cfg.linear_learning_rate)
-        self.deep_opt = tf.keras.optimizers.legacy.RMSprop(
+        rmsprop = LazyRMSprop if cfg.rmsprop_update == "lazy" else tf.keras.optimizers.legacy.RMSprop
+        self.deep_opt = rmsprop(
             DeepLrSchedule(steps_per_epoch=max(self.steps_per_epoch, 1), base_lr=cfg.deep_learning_rate,
                            warmup_epochs=cfg.deep_warmup_epochs, num_epochs=cfg.num_epochs), rho=0.5)
         self.train_step = make_train_step(self.model, self.wide_opt, self.deep_opt, runtime,
@@ -83,7 +85,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build(self) -> None:
         """Create every variable (one forward pass on a slice of data) and agree on dense weights."""
-        first = next(iter(self.eval_data))
+        first = self.eval_data.first()
         self.model(_head(first, 2), training=False)
         self.rt.broadcast_variables(self.model.dense_variables)
 

@@ -7,7 +7,7 @@ tiny_dataset, but sized for learning and for sharding over up to 3 ranks:
 * one-hot ``a`` (card 7, dim 3, int32), ``b`` (card 1001, dim 4, int64), ``p`` (card 2, dim 2: fewer rows
   than ranks at -np 3), multi-hot ``m`` (card 11, 0..3 ids, dim 4) and ``n`` (card 13, 1..2 ids, dim 3);
   no cardinality is divisible by 2 or 3, so shards are uneven; widths differ, so the fused vector exchange
-  mixes widths;
+  mixes widths; ``m`` has empty rows (mean of nothing = 0);
 * numerics ``x1``, ``x2``; label ``y``; display id ``d`` (test only; groups of 2-4 rows, one click each,
   drawn from softmax of a hidden score ``s = w_a[a] + w_b[b] + w_p[p] + sum w_m[m] + sum w_n[n] + x1``);
 * 6 train files and 3 test files of uneven sizes (so at -np 2 and 3 some ranks run out of eval batches
@@ -118,15 +118,18 @@ def horovodrun() -> str:
     return which("horovodrun") or ""
 
 
-def env() -> dict[str, str]:
-    """Environment for launched processes: quiet TensorFlow, the repo importable, few threads per rank."""
+def env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for launched processes: quiet TensorFlow, the repo importable, few threads per rank, no
+    GPU (CPU tests) unless ``extra`` says otherwise."""
     out = dict(os.environ)
     out.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
                 "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""})
+    out.update(extra or {})
     return out
 
 
-def launch(np_: int, args: list[str], timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def launch(np_: int, args: list[str], timeout: float, cwd: Path = ROOT,
+           extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run ``python <args>`` on ``np_`` ranks (plain python when np_ == 1) with a time limit.
 
     The command runs in its own session; on timeout the whole process group (horovodrun and its ranks) is
@@ -135,7 +138,7 @@ def launch(np_: int, args: list[str], timeout: float, cwd: Path = ROOT) -> subpr
     cmd = [sys.executable, *args]
     if np_ > 1:
         cmd = [horovodrun(), "--gloo", "-np", str(np_), "-H", f"localhost:{np_}", *cmd]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)

@@ -111,6 +111,9 @@ class DataLoader:
         import merlin.io
         from merlin.dataloader.tensorflow import Loader
 
+        from wd_sok.data import merlin_compat
+
+        merlin_compat.apply()
         cpu = self.device == "cpu"
         # One partition per file: Merlin then never splits a file, so sharding and order are by file.
         dataset = merlin.io.Dataset([str(f) for f in self.files], engine="parquet", cpu=cpu,
@@ -137,6 +140,14 @@ class DataLoader:
         for inputs, _ in self._loader:
             yield self._to_batch(inputs)
 
+    def first(self) -> Batch:
+        """The first batch, without leaving Merlin's loader thread running (or spinning) afterwards."""
+        try:
+            return next(iter(self))
+        finally:
+            if self._loader is not None:
+                self._loader.stop()
+
     def _to_batch(self, inputs: dict) -> Batch:
         spec = self.spec
         categorical: dict[str, tf.Tensor | tf.RaggedTensor] = {}
@@ -146,8 +157,9 @@ class DataLoader:
             if name in inputs:  # declared fixed-shape list: dense [B, k]
                 categorical[name] = tf.RaggedTensor.from_tensor(inputs[name])
             else:
+                values = tf.cast(inputs[f"{name}__values"], spec.dtype(name))  # a batch of no ids comes as int64
                 categorical[name] = tf.RaggedTensor.from_row_splits(
-                    inputs[f"{name}__values"], tf.cast(inputs[f"{name}__offsets"], tf.int64), validate=False)
+                    values, tf.cast(inputs[f"{name}__offsets"], tf.int64), validate=False)
         label = tf.reshape(tf.cast(inputs[spec.label], tf.float32), [-1])
         if spec.numerical:
             numerical = tf.stack([tf.cast(tf.reshape(inputs[n], [-1]), tf.float32) for n in spec.numerical], 1)

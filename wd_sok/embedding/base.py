@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from wd_sok.feature_spec import TableConfig
+from wd_sok.optim import read_slot, slot_names, write_slot  # noqa: F401 - re-exported for the backends
 
 ROW_BLOCK = 1 << 16  # rows per independently seeded initialisation block
 GLOROT_TRUNC = 0.87962566103423978  # std of a standard normal truncated at +-2 (Keras' correction)
@@ -87,6 +88,13 @@ class EmbeddingCollection(tf.keras.layers.Layer):
         self.initializer, self.seed, self.prefix = initializer, seed, prefix
 
     def call(self, ids: dict[str, tf.Tensor | tf.RaggedTensor]) -> dict[str, tf.Tensor]:
+        """Pooled vectors ``{name: [B, dim] float32}`` for one-hot [B] or ragged [B, (k)] ids."""
+        return self.lookup(ids)
+
+    def lookup(self, ids: dict[str, tf.Tensor | tf.RaggedTensor]) -> dict[str, tf.Tensor]:
+        """What :meth:`call` does. Backends decorate it with ``do_not_convert``: lookups are plain Python
+        over tables, with no tensor-dependent control flow for AutoGraph to convert (and once, in a long
+        test session, AutoGraph's cache of converted functions handed back a stale conversion here)."""
         raise NotImplementedError
 
     # ---- what a backend exposes to training and checkpoints
@@ -108,10 +116,6 @@ class EmbeddingCollection(tf.keras.layers.Layer):
                       optimizer: tf.keras.optimizers.legacy.Optimizer | None) -> None:
         """Load whole tables (and slots) written by any backend and rank count."""
         raise NotImplementedError
-
-
-def slot_names(optimizer: tf.keras.optimizers.legacy.Optimizer | None) -> list[str]:
-    return list(optimizer.get_slot_names()) if optimizer is not None else []
 
 
 def ensure_slots(optimizer: tf.keras.optimizers.legacy.Optimizer | None, variables: list[tf.Variable]) -> None:

@@ -9,7 +9,15 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from wd_sok.embedding.base import EmbeddingCollection, ensure_slots, initial_rows, pool, slot_names
+from wd_sok.embedding.base import (
+    EmbeddingCollection,
+    ensure_slots,
+    initial_rows,
+    pool,
+    read_slot,
+    slot_names,
+    write_slot,
+)
 from wd_sok.feature_spec import TableConfig
 
 
@@ -23,7 +31,8 @@ class ReplicatedEmbedding(EmbeddingCollection):
             init = initial_rows(t, np.arange(t.cardinality), seed, initializer)
             self.weights_by_name[t.name] = tf.Variable(init, name=f"{prefix}/{t.name}", trainable=True)
 
-    def call(self, ids: dict[str, tf.Tensor | tf.RaggedTensor]) -> dict[str, tf.Tensor]:
+    @tf.autograph.experimental.do_not_convert  # see EmbeddingCollection.call
+    def lookup(self, ids: dict[str, tf.Tensor | tf.RaggedTensor]) -> dict[str, tf.Tensor]:
         out = {}
         for name, table in self.tables.items():
             vectors = tf.gather(self.weights_by_name[name], tf.cast(ids[name], tf.int64))
@@ -35,7 +44,7 @@ class ReplicatedEmbedding(EmbeddingCollection):
         for name, var in self.weights_by_name.items():
             entry = {"value": var.numpy()}
             for slot in slot_names(optimizer):
-                entry[slot] = optimizer.get_slot(var, slot).numpy()
+                entry[slot] = read_slot(optimizer, var, slot).numpy()
             out[f"{self.prefix}/{name}"] = entry
         return out
 
@@ -46,4 +55,4 @@ class ReplicatedEmbedding(EmbeddingCollection):
             var.assign(entry["value"])
             for slot in slot_names(optimizer):
                 if slot in entry:  # absent when the checkpoint was written before the first step
-                    optimizer.get_slot(var, slot).assign(entry[slot])
+                    write_slot(optimizer, var, slot, entry[slot])

@@ -29,7 +29,15 @@ import numpy as np
 import tensorflow as tf
 
 from wd_sok.distributed import Runtime
-from wd_sok.embedding.base import EmbeddingCollection, ensure_slots, initial_rows, pool, slot_names
+from wd_sok.embedding.base import (
+    EmbeddingCollection,
+    ensure_slots,
+    initial_rows,
+    pool,
+    read_slot,
+    slot_names,
+    write_slot,
+)
 from wd_sok.feature_spec import TableConfig
 
 Ids = tf.Tensor | tf.RaggedTensor
@@ -54,7 +62,91 @@ def to_global_order(gathered: np.ndarray, cardinality: int, world: int) -> np.nd
     return gathered[offsets[g % world] + g // world]
 
 
-class ShardedEmbedding(EmbeddingCollection):
+@tf.autograph.experimental.do_not_convert
+def checked_ids(x: Ids, table: TableConfig, prefix: str) -> tf.Tensor:
+    """[n] int64 flattened ids of one feature, asserted to lie in [0, cardinality) (error names the feature).
+
+    Args:
+        x: [B] (or any shape) int ids, or a tf.RaggedTensor [B, (k)].
+    Raises:
+        tf.errors.InvalidArgumentError (when run) naming the feature, the range and the offending min / max.
+    """
+    values = x.flat_values if isinstance(x, tf.RaggedTensor) else tf.reshape(x, [-1])
+    values = tf.cast(values, tf.int64)
+    ok = tf.reduce_all((values >= 0) & (values < table.cardinality))
+    check = tf.debugging.Assert(ok, [f"{prefix} embedding: feature '{table.name}': ids must lie in "
+                                     f"[0, {table.cardinality}); got min", tf.reduce_min(values), "max",
+                                     tf.reduce_max(values)])
+    with tf.control_dependencies([check]):
+        return tf.identity(values)
+
+
+class RowShardedCollection(EmbeddingCollection):
+    """What the sharded and SOK backends share: row g of a table on rank g % N, and checkpoints.
+
+    Subclasses fill ``self.shards`` (feature name -> this rank's [ceil((cardinality - rank) / N), dim]
+    variable, local row l = global row rank + l * N) and implement ``call``.
+    """
+
+    def __init__(self, tables: list[TableConfig], initializer: str, seed: int, prefix: str,
+                 runtime: Runtime, **kw) -> None:
+        super().__init__(tables, initializer, seed, prefix, **kw)
+        self.runtime = runtime
+        self.world, self.rank = runtime.size, runtime.rank
+        self.names = [t.name for t in tables]
+        self.shards: dict[str, tf.Variable] = {}
+
+    def initial_shard(self, table: TableConfig) -> np.ndarray:
+        """This rank's initial rows of ``table``: [ceil((cardinality - rank) / N), dim] float32."""
+        return initial_rows(table, local_rows(table.cardinality, self.rank, self.world), self.seed,
+                            self.initializer)
+
+    # ------------------------------------------------------------------ training / checkpoints
+    @property
+    def sparse_variables(self) -> list[tf.Variable]:
+        """This rank's table shards: their gradients arrive already summed over ranks."""
+        return list(self.shards.values())
+
+    def local_bytes(self) -> int:
+        return int(sum(np.prod(v.shape) * v.dtype.size for v in self.shards.values()))
+
+    def export_tables(self, optimizer: tf.keras.optimizers.legacy.Optimizer | None = None
+                      ) -> dict[str, dict[str, np.ndarray]]:
+        """Collective: every rank gets whole tables and slots [cardinality, dim] in global row order."""
+        ensure_slots(optimizer, self.sparse_variables)
+        out = {}
+        for name, var in self.shards.items():
+            card = self.tables[name].cardinality
+            entry = {"value": self._gather_whole(var, card, f"{self.prefix}/{name}")}
+            for slot in slot_names(optimizer):
+                entry[slot] = self._gather_whole(read_slot(optimizer, var, slot), card,
+                                                 f"{self.prefix}/{name}:{slot}")
+            out[f"{self.prefix}/{name}"] = entry
+        return out
+
+    def _gather_whole(self, var: tf.Variable | tf.Tensor, cardinality: int, name: str) -> np.ndarray:
+        gathered = self.runtime.allgather(tf.convert_to_tensor(var), name=f"export_{name}").numpy()
+        return to_global_order(gathered, cardinality, self.world)
+
+    def import_tables(self, tables: dict[str, dict[str, np.ndarray]],
+                      optimizer: tf.keras.optimizers.legacy.Optimizer | None = None) -> None:
+        """Keep rows g % N == rank of whole tables (and of the slots present) written by any backend."""
+        ensure_slots(optimizer, self.sparse_variables)
+        for name, var in self.shards.items():
+            key, table = f"{self.prefix}/{name}", self.tables[name]
+            entry = tables[key]
+            for slot, whole in entry.items():
+                if tuple(whole.shape) != (table.cardinality, table.dim):
+                    raise ValueError(f"checkpoint table '{key}' ({slot}) has shape {tuple(whole.shape)}, "
+                                     f"expected {(table.cardinality, table.dim)}")
+            var.assign(entry["value"][self.rank::self.world])
+            for slot in slot_names(optimizer):
+                if slot in entry:
+                    write_slot(optimizer, var, slot, entry[slot][self.rank::self.world])
+
+
+
+class ShardedEmbedding(RowShardedCollection):
     """Tables sharded row-wise over ranks (row g on rank g % N); lookups exchange ids and vectors.
 
     Args:
@@ -67,21 +159,17 @@ class ShardedEmbedding(EmbeddingCollection):
 
     def __init__(self, tables: list[TableConfig], initializer: str, seed: int, prefix: str,
                  runtime: Runtime, **kw) -> None:
-        super().__init__(tables, initializer, seed, prefix, **kw)
-        self.runtime = runtime
-        self.world, self.rank = runtime.size, runtime.rank
-        self.names = [t.name for t in tables]
-        self.shards: dict[str, tf.Variable] = {}
+        super().__init__(tables, initializer, seed, prefix, runtime, **kw)
         for t in tables:
-            init = initial_rows(t, local_rows(t.cardinality, self.rank, self.world), seed, initializer)
-            self.shards[t.name] = tf.Variable(init, name=f"{prefix}/{t.name}", trainable=True)
+            self.shards[t.name] = tf.Variable(self.initial_shard(t), name=f"{prefix}/{t.name}", trainable=True)
 
     # ------------------------------------------------------------------ lookup
-    def call(self, ids: dict[str, Ids]) -> dict[str, tf.Tensor]:
+    @tf.autograph.experimental.do_not_convert  # see EmbeddingCollection.call
+    def lookup(self, ids: dict[str, Ids]) -> dict[str, tf.Tensor]:
         """Pooled vectors ``{name: [B, dim] float32}`` for one-hot [B] or ragged [B, (k)] ids."""
         if not self.names:
             return {}
-        flat = [self._checked_ids(name, ids[name]) for name in self.names]
+        flat = [checked_ids(ids[name], self.tables[name], self.prefix) for name in self.names]
         vectors = self._exchange(flat)
         out = {}
         for name, v in zip(self.names, vectors, strict=True):
@@ -92,17 +180,7 @@ class ShardedEmbedding(EmbeddingCollection):
                 out[name] = tf.reshape(v, tf.concat([tf.shape(x, out_type=tf.int32), [table.dim]], 0))
         return out
 
-    def _checked_ids(self, name: str, x: Ids) -> tf.Tensor:
-        """[n] int64 flattened ids of feature ``name``, asserted to lie in [0, cardinality)."""
-        values = x.flat_values if isinstance(x, tf.RaggedTensor) else tf.reshape(x, [-1])
-        values = tf.cast(values, tf.int64)
-        card = self.tables[name].cardinality
-        msg = f"{self.prefix} embedding: feature '{name}': ids must lie in [0, {card})"
-        checks = [tf.debugging.assert_non_negative(values, message=msg),
-                  tf.debugging.assert_less(values, tf.constant(card, tf.int64), message=msg)]
-        with tf.control_dependencies(checks):
-            return tf.identity(values)
-
+    @tf.autograph.experimental.do_not_convert  # plain Python over tables: trace as is (much faster)
     def _exchange(self, flat: list[tf.Tensor]) -> list[tf.Tensor]:
         """Look up every table's flat ids on their owners.
 
@@ -158,49 +236,6 @@ class ShardedEmbedding(EmbeddingCollection):
         if self.world == 1:
             return tensor, splits
         return self.runtime.hvd.alltoall(tensor, splits=splits, name=f"{self.prefix}_emb_{what}")
-
-    # ------------------------------------------------------------------ training / checkpoints
-    @property
-    def sparse_variables(self) -> list[tf.Variable]:
-        """This rank's table shards: their gradients arrive already summed over ranks."""
-        return list(self.shards.values())
-
-    def local_bytes(self) -> int:
-        return int(sum(np.prod(v.shape) * v.dtype.size for v in self.shards.values()))
-
-    def export_tables(self, optimizer: tf.keras.optimizers.legacy.Optimizer | None = None
-                      ) -> dict[str, dict[str, np.ndarray]]:
-        """Collective: every rank gets whole tables and slots [cardinality, dim] in global row order."""
-        ensure_slots(optimizer, self.sparse_variables)
-        out = {}
-        for name, var in self.shards.items():
-            card = self.tables[name].cardinality
-            entry = {"value": self._gather_whole(var, card, f"{self.prefix}/{name}")}
-            for slot in slot_names(optimizer):
-                entry[slot] = self._gather_whole(optimizer.get_slot(var, slot), card,
-                                                 f"{self.prefix}/{name}:{slot}")
-            out[f"{self.prefix}/{name}"] = entry
-        return out
-
-    def _gather_whole(self, var: tf.Variable, cardinality: int, name: str) -> np.ndarray:
-        gathered = self.runtime.allgather(tf.convert_to_tensor(var), name=f"export_{name}").numpy()
-        return to_global_order(gathered, cardinality, self.world)
-
-    def import_tables(self, tables: dict[str, dict[str, np.ndarray]],
-                      optimizer: tf.keras.optimizers.legacy.Optimizer | None = None) -> None:
-        """Keep rows g % N == rank of whole tables (and of the slots present) written by any backend."""
-        ensure_slots(optimizer, self.sparse_variables)
-        for name, var in self.shards.items():
-            key, table = f"{self.prefix}/{name}", self.tables[name]
-            entry = tables[key]
-            for slot, whole in entry.items():
-                if tuple(whole.shape) != (table.cardinality, table.dim):
-                    raise ValueError(f"checkpoint table '{key}' ({slot}) has shape {tuple(whole.shape)}, "
-                                     f"expected {(table.cardinality, table.dim)}")
-            var.assign(entry["value"][self.rank::self.world])
-            for slot in slot_names(optimizer):
-                if slot in entry:
-                    optimizer.get_slot(var, slot).assign(entry[slot][self.rank::self.world])
 
 
 def _counts(bucket: tf.Tensor, n_ranks: int, n_tables: int) -> tf.Tensor:

@@ -1,0 +1,80 @@
+"""``make bench-quick``: a reduced embedding-scaling ladder plus one throughput point, in under 10 minutes.
+
+* Ladder (``embedding_scaling.ladder``): 1e4 and 1e6 rows per table, 1 and 2 ranks, the dense-allreduce
+  reference vs the sharded backend, one repetition, 2 + 5 steps (same model, data and measurements as
+  ``embedding_scaling.py``).
+* Throughput: the default model (5 x 1024, baseline spec) at global batch 4096, float32, the project as is
+  and with Merlin's loader thread unpatched (``--no_loader_fix``: busy-waiting), next to the measured float32
+  matmul bound at the same shapes (``throughput.py``'s method, one repetition).
+
+Single repetitions on a shared machine: read these as a smoke check of the trends, and run the full
+scripts for figures. Writes ``benchmarks/results/bench_quick.json``.
+
+Usage: ``make bench-quick`` or ``.venv/bin/python benchmarks/bench_quick.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+import embedding_scaling  # noqa: E402
+import throughput  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[10_000, 1_000_000])
+    p.add_argument("--np", type=int, nargs="+", default=[1, 2], dest="nps")
+    p.add_argument("--batch", type=int, default=4096, help="throughput point's global batch")
+    p.add_argument("--out", default="bench_quick")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+
+    results = embedding_scaling.ladder(args.rows, args.nps, ["reference", "sharded"], reps=1, dim=8,
+                                       hidden=[256, 256], batch=8192, warmup=2, steps=5, train_rows=60_000,
+                                       timeout=600)
+    ladder_rows, targets = embedding_scaling.summarize(results)
+
+    spec = common.load_spec_dict("baseline")
+    data = common.ensure_dataset("baseline_300000_t100k", spec, 300_000, 100_000)
+    dims = throughput.mlp_dims(spec, [1024] * 5)
+    fwd, fwd_bwd = throughput.flops_per_sample(dims)
+    mm = throughput.run_worker(["matmul", "--dtype", "float32", "--batch_sizes", str(args.batch), "--dims",
+                                *map(str, dims)], 600)
+    gflops = mm["results"][0]["gflops"]
+    bound = gflops * 1e9 / fwd_bwd
+    points = {}
+    with tempfile.TemporaryDirectory(prefix="wd_sok_quick_") as tmp:
+        for name, extra in (("as_is", []), ("merlin_spin", ["--no_loader_fix"])):
+            r = throughput.run_worker(["train", "--eval", *extra, "--", *throughput.train_flags(
+                data, args.batch, "fp32", 2, 5, Path(tmp) / name)], 600)
+            points[name] = {"batch": args.batch, "train_samples_per_s": r["train_samples_per_s"],
+                            "eval_samples_per_s": r["eval_samples_per_s"], "matmul_gflops": gflops,
+                            "bound_samples_per_s": bound, "fraction_of_bound": r["train_samples_per_s"] / bound}
+
+    print("\nEmbedding ladder (1 repetition):")
+    embedding_scaling.print_report(ladder_rows, targets)
+    print(f"\nThroughput, default model fp32, batch {args.batch}; matmul {gflops:.0f} GFLOP/s -> bound {bound:,.0f} "
+          f"samples/s ({fwd_bwd / 1e6:.1f} MFLOP/sample):")
+    for name, point in points.items():
+        print(f"  {name:10s} train {point['train_samples_per_s']:,.0f} samples/s, eval "
+              f"{point['eval_samples_per_s']:,.0f} samples/s: {point['fraction_of_bound']:.1%} of bound "
+              f"(target 70%: {'MET' if point['fraction_of_bound'] >= 0.7 else 'NOT MET'})")
+    elapsed = time.perf_counter() - start
+    path = common.write_json(args.out, {"params": vars(args), "elapsed_s": elapsed, "ladder": ladder_rows,
+                                        "targets": targets, "throughput": points, "raw_runs": results})
+    print(f"\nbench-quick done in {elapsed / 60:.1f} min; {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

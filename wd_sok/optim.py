@@ -1,0 +1,108 @@
+"""Optimizers: legacy RMSprop with an O(touched rows) sparse update, and portable slot access.
+
+Keras 2's legacy ``RMSprop`` (momentum 0, not centered: the deep optimizer here and in the reference)
+applies an IndexedSlices gradient of a table [rows, dim] as::
+
+    rms.assign(rms * rho)                      # every row of the table, every step: O(rows x dim)
+    rms[idx] += (1 - rho) * g**2
+    var[idx] -= lr * g / (sqrt(rms[idx]) + eps)
+
+so a step reads and writes the whole ``rms`` slot of every deep table, whatever the batch, and sharding
+does not help (each rank decays its whole shard). :class:`LazyRMSprop` keeps a per-row ``last`` slot (the
+optimizer step count after the row's last update) and applies the owed decays when a row is touched::
+
+    rms[idx] = rho ** (t + 1 - last[idx]) * rms[idx] + (1 - rho) * g**2;   last[idx] = t + 1
+    var[idx] -= lr * g / (sqrt(rms[idx]) + eps)
+
+with ``t`` the step count before this update. Untouched rows get a zero gradient, so the weights follow
+the legacy optimizer exactly (bit for bit when rho is a power of two, as the default 0.5; to float
+rounding otherwise); ``rms`` of an untouched row is stale in memory but caught up whenever it is read,
+checkpoints included: :func:`read_slot` returns the legacy optimizer's ``rms`` and :func:`write_slot` sets
+``last`` to the current step, so checkpoints hold only ``rms``, in the legacy format, loadable by either.
+Dense gradients (the MLP) take the legacy dense path unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+Optimizer = tf.keras.optimizers.legacy.Optimizer
+
+
+class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
+    """Legacy RMSprop (momentum 0, not centered) whose sparse update costs O(touched rows); see the module.
+
+    Extra slot ``last``: [rows] float32 per variable (one float per table row; for the MLP's kernels and
+    biases, one per input row, unused). Momentum or centered fall back to the legacy sparse update.
+    """
+
+    #: slots a checkpoint holds (``last`` is internal: it is reset to the current step on import)
+    portable_slots = ("rms",)
+
+    def _create_slots(self, var_list: list[tf.Variable]) -> None:
+        super()._create_slots(var_list)
+        if self._momentum or self.centered:
+            return
+        for var in var_list:
+            if var.shape.rank:
+                self.add_slot(var, "last", initializer="zeros", shape=tf.TensorShape([var.shape[0]]))
+
+    def _resource_apply_sparse(self, grad: tf.Tensor, var: tf.Variable, indices: tf.Tensor,
+                               apply_state: Any = None) -> tf.Operation:
+        if self._momentum or self.centered:
+            return super()._resource_apply_sparse(grad, var, indices, apply_state)
+        var_device, var_dtype = var.device, var.dtype.base_dtype
+        coef = (apply_state or {}).get((var_device, var_dtype)) or self._fallback_apply_state(var_device,
+                                                                                              var_dtype)
+        rms, last = self.get_slot(var, "rms"), self.get_slot(var, "last")
+        now = tf.cast(self.iterations, var_dtype)
+        decay = tf.pow(coef["rho"], now + 1 - tf.gather(last, indices))  # [n] decays owed, this step's included
+        shape = tf.concat([tf.shape(indices), tf.ones([tf.rank(grad) - 1], tf.int32)], 0)
+        rms_rows = tf.gather(rms, indices) * tf.reshape(decay, shape) + coef["one_minus_rho"] * grad * grad
+        update_rms = rms.scatter_update(tf.IndexedSlices(rms_rows, indices))
+        update_last = last.scatter_update(tf.IndexedSlices(tf.fill(tf.shape(indices), now + 1), indices))
+        step = coef["lr_t"] * grad / (tf.sqrt(rms_rows) + coef["epsilon"])
+        update_var = var.scatter_sub(tf.IndexedSlices(step, indices))
+        return tf.group(update_rms, update_last, update_var)
+
+    def caught_up_rms(self, var: tf.Variable) -> tf.Tensor:
+        """[rows, ...] the ``rms`` the legacy optimizer would hold now for ``var``."""
+        rms, last = self.get_slot(var, "rms"), self.get_slot(var, "last")
+        age = tf.cast(self.iterations, rms.dtype) - last
+        factor = tf.pow(tf.cast(self._get_hyper("rho"), rms.dtype), age)
+        factor = tf.reshape(factor, tf.concat([tf.shape(factor), tf.ones([tf.rank(rms) - 1], tf.int32)], 0))
+        return tf.convert_to_tensor(rms) * factor
+
+
+def slot_names(optimizer: Optimizer | None) -> list[str]:
+    """The slots a checkpoint holds for ``optimizer`` (its own, less internal ones such as ``last``)."""
+    if optimizer is None:
+        return []
+    names = list(optimizer.get_slot_names())
+    portable = getattr(optimizer, "portable_slots", None)
+    return [n for n in names if portable is None or n in portable]
+
+
+def read_slot(optimizer: Optimizer, var: tf.Variable, slot: str) -> tf.Tensor:
+    """Slot ``slot`` of ``var`` as the legacy optimizer would hold it (same shape as the slot)."""
+    lazy = isinstance(optimizer, LazyRMSprop) and slot == "rms" and _has_slot(optimizer, var, "last")
+    return optimizer.caught_up_rms(var) if lazy else tf.convert_to_tensor(optimizer.get_slot(var, slot))
+
+
+def write_slot(optimizer: Optimizer, var: tf.Variable, slot: str, value: np.ndarray) -> None:
+    """Set slot ``slot`` of ``var`` from a legacy-format value (set ``optimizer.iterations`` first)."""
+    optimizer.get_slot(var, slot).assign(value)
+    if isinstance(optimizer, LazyRMSprop) and slot == "rms" and _has_slot(optimizer, var, "last"):
+        last = optimizer.get_slot(var, "last")
+        last.assign(tf.fill(tf.shape(last), tf.cast(optimizer.iterations, last.dtype)))
+
+
+def _has_slot(optimizer: Optimizer, var: tf.Variable, slot: str) -> bool:
+    try:
+        optimizer.get_slot(var, slot)
+    except KeyError:
+        return False
+    return True
