@@ -88,12 +88,17 @@ def test_checkpointed_slots_are_legacy_format_and_resume_exactly(target: str) ->
     np.testing.assert_array_equal(read_slot(opt, var, "rms").numpy(), ref_opt.get_slot(ref, "rms").numpy())
 
 
-def test_dense_gradients_take_the_legacy_path() -> None:
-    init = np.random.default_rng(5).normal(size=(6, 4)).astype(np.float32)
+def test_dense_and_mixed_gradients_match_legacy() -> None:
+    """Dense gradients (the MLP; tables under sparse_as_dense) take the legacy path, and the rms read for a
+    checkpoint is the legacy one, also when dense and sparse steps alternate on one variable."""
+    init = np.random.default_rng(5).normal(size=(ROWS, DIM)).astype(np.float32)
     a, b = tf.Variable(init), tf.Variable(init)
     legacy, lazy = tf.keras.optimizers.legacy.RMSprop(LR, rho=0.5), LazyRMSprop(LR, rho=0.5)
-    for k in range(3):
-        g = tf.constant(np.full((6, 4), k + 1.0, np.float32))
-        legacy.apply_gradients([(g, a)])
-        lazy.apply_gradients([(g, b)])
-    np.testing.assert_array_equal(b.numpy(), a.numpy())
+    for k, (ids, g) in enumerate(_grads(9, seed=6)):
+        for opt, var in ((legacy, a), (lazy, b)):
+            if k % 3 == 1:  # a dense step
+                opt.apply_gradients([(tf.constant(np.full((ROWS, DIM), k + 1.0, np.float32)), var)])
+            else:
+                _apply(opt, var, ids, g)
+        np.testing.assert_array_equal(b.numpy(), a.numpy())
+        np.testing.assert_array_equal(read_slot(lazy, b, "rms").numpy(), legacy.get_slot(a, "rms").numpy())

@@ -19,7 +19,7 @@ the legacy optimizer exactly (bit for bit when rho is a power of two, as the def
 rounding otherwise); ``rms`` of an untouched row is stale in memory but caught up whenever it is read,
 checkpoints included: :func:`read_slot` returns the legacy optimizer's ``rms`` and :func:`write_slot` sets
 ``last`` to the current step, so checkpoints hold only ``rms``, in the legacy format, loadable by either.
-Dense gradients (the MLP) take the legacy dense path unchanged.
+Dense gradients (the MLP) take the legacy dense path and mark every row up to date.
 """
 
 from __future__ import annotations
@@ -67,6 +67,20 @@ class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
         step = coef["lr_t"] * grad / (tf.sqrt(rms_rows) + coef["epsilon"])
         update_var = var.scatter_sub(tf.IndexedSlices(step, indices))
         return tf.group(update_rms, update_last, update_var)
+
+    def _resource_apply_dense(self, grad: tf.Tensor, var: tf.Variable, apply_state: Any = None) -> tf.Operation:
+        """The legacy dense update on caught-up ``rms`` (rows may owe decays from sparse steps), after which
+        no row owes any: ``last`` = t + 1."""
+        if self._momentum or self.centered:
+            return super()._resource_apply_dense(grad, var, apply_state)
+        rms, last = self.get_slot(var, "rms"), self.get_slot(var, "last")
+        now = tf.cast(self.iterations, last.dtype)
+        catch_up = tf.cond(tf.reduce_all(last == now),  # the MLP: always up to date, skip the pass over rms
+                           tf.no_op, lambda: rms.assign(self.caught_up_rms(var), read_value=False))
+        with tf.control_dependencies([catch_up]):
+            update = super()._resource_apply_dense(grad, var, apply_state)
+        with tf.control_dependencies([update]):
+            return last.assign(tf.fill(tf.shape(last), now + 1), read_value=False)
 
     def caught_up_rms(self, var: tf.Variable) -> tf.Tensor:
         """[rows, ...] the ``rms`` the legacy optimizer would hold now for ``var``."""
