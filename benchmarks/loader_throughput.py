@@ -4,7 +4,8 @@ Variants, same rows and numerics, training settings (shuffle on, drop_last), one
 
 * ``onehot_numerical``: ``tests/feature_specs/no_multihot.yaml`` (13 one-hot + 13 numerical, no lists);
 * ``ragged``: ``baseline.yaml`` (3 multi-hot lists of 1..3 ids): Merlin yields ``name__values`` /
-  ``name__offsets``, DataLoader builds a RaggedTensor (the project's path today);
+  ``name__offsets``, DataLoader builds a RaggedTensor (the project's path; since ``wd_sok.data.merlin_compat``
+  it includes the numpy flattening that the ``_npflatten`` variants below were written to try);
 * ``fixed_merlin``: the same files with every list padded to exactly ``max_hotness`` ids (a row's ids
   repeated cyclically) and the Merlin schema declaring shape ``(None, k)`` (value_count min = max = k), so
   Merlin yields a dense ``[B, k]`` tensor; read by :class:`FixedHotnessLoader` (a local DataLoader subclass);

@@ -192,14 +192,15 @@ def main(argv: list[str] | None = None) -> int:
                          "eval_samples": [r["eval_samples_per_s"] for r in runs[(mode, b)]]})
     default = [r for r in rows if r["mode"] == "fp32"]  # the project as is
     target = {"goal": "fp32 (default flags, no XLA/AMP) train samples/s >= 70% of the float32 matmul bound; "
-                      "verdict on the paired fraction (median over runs of train rate / GEMM bound measured in "
-                      "the same process right after the timed steps)",
-              "per_batch": {r["batch"]: {"fraction": r["paired_fraction"], "unpaired_fraction": r["fraction_of_bound"],
-                                         "met": r["paired_fraction"] >= 0.7} for r in default}}
-    for v in inter.values():  # the interleaved rounds, when measured, decide
+                      "verdict on the conservative fraction: median train rate / the bound from the median of "
+                      "the separate matmul runs (the paired and interleaved fractions, whose GEMM timings share "
+                      "the loaded process and can exceed 1, are reported beside it)",
+              "per_batch": {r["batch"]: {"fraction": r["fraction_of_bound"], "paired_fraction": r["paired_fraction"],
+                                         "met": r["fraction_of_bound"] >= 0.7, "basis": "separate matmul runs"}
+                            for r in default}}
+    for v in inter.values():
         if v["mode"] == "fp32" and v["batch"] in target["per_batch"]:
-            target["per_batch"][v["batch"]].update(fraction=v["fraction_live"], met=v["fraction_live"] >= 0.7,
-                                                   basis="interleaved")
+            target["per_batch"][v["batch"]]["interleaved_fraction"] = v["fraction_live"]
     print(common.table(rows, [("mode", "mode"), ("batch", "batch"), ("train_samples_per_s", "train/s"),
                               ("train_min", "min"), ("train_max", "max"), ("eval_samples_per_s", "eval/s"),
                               ("matmul_gflops", "matmul GF/s"), ("bound_samples_per_s", "bound/s"),
@@ -239,12 +240,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         xs = np.arange(len(batches)) + i * width
         axes[0].bar(xs, [r["train_samples_per_s"] for r in sel], width, label=m)
         axes[0].scatter(xs, [r["bound_samples_per_s"] for r in sel], marker="_", s=200, color="k")
-        axes[1].bar(xs, [r["paired_fraction"] for r in sel], width, label=m)
+        axes[1].bar(xs, [r["fraction_of_bound"] for r in sel], width, label=m)
     for ax in axes:
         ax.set_xticks(np.arange(len(batches)) + width * (len(modes) - 1) / 2, [str(b) for b in batches])
         ax.set_xlabel("global batch")
     axes[0].set_ylabel("train samples/s (median); - = matmul bound")
-    axes[1].set_ylabel("fraction of matmul bound (paired, median)")
+    axes[1].set_ylabel("train samples/s / matmul bound (medians)")
     axes[1].axhline(0.7, color="r", ls="--", lw=1, label="target 0.7")
     axes[0].legend()
     axes[1].legend()
