@@ -263,6 +263,25 @@ BACKENDS: dict[str, tuple[str, list[str], list[str]]] = {
 }
 
 
+def add_backend_args(parser: Any) -> None:
+    """``--backends``, ``--dense_decay`` and ``--no_loader_fix``, shared by the scripts that compare backends."""
+    parser.add_argument("--backends", nargs="+", default=["reference", "sharded"], choices=list(BACKENDS))
+    parser.add_argument("--dense_decay", action="store_true", help="add the sharded_dense_decay backend")
+    parser.add_argument("--no_loader_fix", action="store_true", help="run Merlin's loader thread unpatched "
+                        "(busy-waiting on its queue; see wd_sok.data.merlin_compat)")
+
+
+def chosen_backends(args: Any) -> list[str]:
+    """``--backends`` plus ``sharded_dense_decay`` when ``--dense_decay`` asks for it."""
+    extra = ["sharded_dense_decay"] if args.dense_decay and "sharded_dense_decay" not in args.backends else []
+    return args.backends + extra
+
+
+def loader_worker_flags(no_loader_fix: bool) -> list[str]:
+    """Worker flags for the loader: none (the project's loader) or ``--no_loader_fix``."""
+    return ["--no_loader_fix"] if no_loader_fix else []
+
+
 def run_job(backend: str, np_: int, flags: list[str], timeout: float, worker_flags: list[str] | None = None,
             tag: str = "") -> dict[str, Any]:
     """One ``worker.py train`` job on ``np_`` ranks (``nproc // np_`` threads per rank); its result dict.

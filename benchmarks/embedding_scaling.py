@@ -83,7 +83,7 @@ def ladder(rows_list: list[int], nps: list[int], backends: list[str], reps: int,
     ``loader_fix=False`` passes ``--no_loader_fix`` to every worker (Merlin's loader thread busy-waits, as
     unpatched; see ``wd_sok.data.merlin_compat``).
     """
-    worker_flags = ["--bytes"] + ([] if loader_fix else ["--no_loader_fix"])
+    worker_flags = ["--bytes"] + common.loader_worker_flags(not loader_fix)
     results = []
     datasets = {}
     for rows in rows_list:
@@ -206,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000, 10_000_000])
     p.add_argument("--np", type=int, nargs="+", default=[1, 2], dest="nps")
-    p.add_argument("--backends", nargs="+", default=["reference", "sharded"], choices=list(common.BACKENDS))
-    p.add_argument("--dense_decay", action="store_true", help="add the sharded_dense_decay backend")
+    common.add_backend_args(p)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dim", type=int, default=8)
     p.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
@@ -216,12 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--train_rows", type=int, default=100_000)
     p.add_argument("--timeout", type=float, default=1200)
-    p.add_argument("--no_loader_fix", action="store_true", help="run Merlin's loader thread unpatched "
-                   "(busy-waiting on its queue; see wd_sok.data.merlin_compat)")
     p.add_argument("--out", default="embedding_scaling")
     args = p.parse_args(argv)
-    backends = args.backends + (["sharded_dense_decay"] if args.dense_decay
-                                and "sharded_dense_decay" not in args.backends else [])
+    backends = common.chosen_backends(args)
     results = ladder(args.rows, args.nps, backends, args.reps, args.dim, args.hidden, args.batch, args.warmup,
                      args.steps, args.train_rows, args.timeout, loader_fix=not args.no_loader_fix)
     rows_out, targets = summarize(results)

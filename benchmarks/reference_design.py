@@ -41,8 +41,7 @@ import common  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--np", type=int, nargs="+", default=[1, 2], dest="nps")
-    p.add_argument("--backends", nargs="+", default=["reference", "sharded"], choices=list(common.BACKENDS))
-    p.add_argument("--dense_decay", action="store_true", help="add the sharded_dense_decay backend")
+    common.add_backend_args(p)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--batch", type=int, default=4096, help="global batch")
     p.add_argument("--hidden", type=int, nargs="+", default=[1024] * 5)
@@ -50,12 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--rows", type=int, default=300_000, help="training rows of the synthetic dataset")
     p.add_argument("--timeout", type=float, default=1200)
-    p.add_argument("--no_loader_fix", action="store_true", help="run Merlin's loader thread unpatched "
-                   "(busy-waiting on its queue; see wd_sok.data.merlin_compat)")
     p.add_argument("--out", default="reference_design")
     args = p.parse_args(argv)
-    backends = args.backends + (["sharded_dense_decay"] if args.dense_decay
-                                and "sharded_dense_decay" not in args.backends else [])
+    backends = common.chosen_backends(args)
 
     data = common.ensure_dataset(f"baseline_{args.rows}_t100k", "baseline", args.rows, 100_000)
     runs: list[dict[str, Any]] = []
@@ -69,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--benchmark_steps", str(args.steps), "--model_dir", f"{tmp}/ckpt",
                              "--results_dir", f"{tmp}/results"]
                     r = common.run_job(backend, np_, flags, args.timeout,
-                                       worker_flags=["--bytes"] + (["--no_loader_fix"] if args.no_loader_fix else []),
+                                       worker_flags=["--bytes"] + common.loader_worker_flags(args.no_loader_fix),
                                        tag=f"{backend}/np{np_}")
                     r.update({"np": np_, "rep": rep})
                     runs.append(r)

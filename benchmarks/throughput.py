@@ -51,7 +51,7 @@ MODES.update({f"{m}+spin": flags for m, flags in list(MODES.items())})  # + work
 
 def worker_extra(mode: str) -> list[str]:
     """Worker flags of a mode: ``+spin`` modes run Merlin's loader thread unpatched (busy-waiting)."""
-    return ["--no_loader_fix"] if mode.endswith("+spin") else []
+    return common.loader_worker_flags(mode.endswith("+spin"))
 
 
 def mlp_dims(spec_dict: dict[str, Any], hidden: list[int]) -> list[int]:

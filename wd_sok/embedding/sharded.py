@@ -145,7 +145,6 @@ class RowShardedCollection(EmbeddingCollection):
                     write_slot(optimizer, var, slot, entry[slot][self.rank::self.world])
 
 
-
 class ShardedEmbedding(RowShardedCollection):
     """Tables sharded row-wise over ranks (row g on rank g % N); lookups exchange ids and vectors.
 
