@@ -28,7 +28,7 @@ from wd_sok.embedding import make_embedding
 from wd_sok.export import export_saved_model
 from wd_sok.feature_spec import FeatureSpec
 from wd_sok.model import WideDeepModel
-from wd_sok.state import import_state
+from wd_sok.state import import_dense, table_states
 from wd_sok.tools.generate import generate
 
 SPEC = {
@@ -127,12 +127,13 @@ def serve_fresh(data: Path, work: Path, *export_dirs: Path) -> dict:
 def checkpoint_forward(data: Path, model_dir: Path, combiner: str, rows: int) -> np.ndarray:
     """Probabilities [rows] of the first test rows from the latest checkpoint, restored in this process."""
     spec = FeatureSpec.from_yaml(data / "feature_spec.yaml")
-    arrays, _, _ = checkpoint.load_latest(model_dir)
-    rt = SimpleNamespace(rank=0, size=1, is_chief=True)
+    rt = SimpleNamespace(rank=0, size=1, is_chief=True, allgather_object=lambda obj, name: [obj])
     model = build_model(spec, combiner, rt)
     batch = head_batch(spec, rows)
     model(batch, training=False)
-    import_state(model, tf.keras.optimizers.legacy.Ftrl(), tf.keras.optimizers.legacy.RMSprop(), arrays)
+    wide_opt, deep_opt = tf.keras.optimizers.legacy.Ftrl(), tf.keras.optimizers.legacy.RMSprop()
+    checkpoint.restore_latest(model_dir, table_states(model, wide_opt, deep_opt),
+                              lambda arrays, origin: import_dense(model, wide_opt, deep_opt, arrays, origin), rt)
     return tf.sigmoid(model(batch, training=False)).numpy()
 
 

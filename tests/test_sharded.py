@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from wd_sok.embedding.replicated import ReplicatedEmbedding
-from wd_sok.embedding.sharded import ShardedEmbedding, local_rows, to_global_order
+from wd_sok.embedding.sharded import ShardedEmbedding, local_rows
 from wd_sok.feature_spec import TableConfig
 
 TABLES = [TableConfig("a", 7, 3), TableConfig("b", 5, 2), TableConfig("m", 11, 4, 3, True, "mean"),
@@ -80,38 +80,53 @@ def test_out_of_range_ids_name_the_feature(bad: int) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_placement_export_order_and_import(world: int) -> None:
-    """Shards of all ranks, concatenated as allgather would, reorder into the N-independent whole table."""
+def test_placement_rows_and_ownership(world: int) -> None:
+    """Each rank's saved rows carry their global ids; put back by id, the shards are the N-independent
+    whole table; ``owned`` picks exactly rows g % N == rank at local row g // N."""
     oracle = ReplicatedEmbedding(TABLES, "glorot_normal", 9, "deep")
     ranks = [ShardedEmbedding(TABLES, "glorot_normal", 9, "deep", fake_runtime(r, world)) for r in range(world)]
     for t in TABLES:
-        rows = [layer.shards[t.name].shape[0] for layer in ranks]
-        assert rows == [-(-(t.cardinality - r) // world) for r in range(world)] == [
+        counts = [layer.shards[t.name].shape[0] for layer in ranks]
+        assert counts == [-(-(t.cardinality - r) // world) for r in range(world)] == [
             local_rows(t.cardinality, r, world).size for r in range(world)]
-        gathered = np.concatenate([layer.shards[t.name].numpy() for layer in ranks])
-        np.testing.assert_array_equal(to_global_order(gathered, t.cardinality, world),
-                                      oracle.weights_by_name[t.name].numpy())
-    # import: each rank keeps rows g % N == rank, and slots too
-    opt = tf.keras.optimizers.legacy.RMSprop(0.1)
-    whole = {f"deep/{t.name}": {"value": np.arange(t.cardinality * t.dim, dtype=np.float32).reshape(-1, t.dim),
-                                "rms": np.full((t.cardinality, t.dim), 0.5, np.float32)} for t in TABLES}
-    for r, layer in enumerate(ranks):
-        layer.import_tables(whole, opt)
+        whole = np.full((t.cardinality, t.dim), np.nan, np.float32)
+        for layer in ranks:
+            rows = layer.saved_rows(t.name)
+            ids = rows.global_rows(0, rows.count)
+            np.testing.assert_array_equal(ids, local_rows(t.cardinality, layer.rank, world))
+            assert np.all(np.isnan(whole[ids])), "a row saved by two ranks"
+            whole[ids] = layer.shards[t.name][rows.var_slice(0, rows.count)].numpy()
+        np.testing.assert_array_equal(whole, oracle.weights_by_name[t.name].numpy())
+        g = np.arange(t.cardinality, dtype=np.int64)
+        for layer in ranks:
+            mask, local = layer.owned(t.name, g)
+            np.testing.assert_array_equal(g[mask], local_rows(t.cardinality, layer.rank, world))
+            np.testing.assert_array_equal(local, np.arange(mask.sum()))
+
+
+def test_replicated_ranks_save_disjoint_slices() -> None:
+    """Replicated under 3 ranks: each saves rows rank::3 of its whole table (at those variable rows)."""
+    for r in range(3):
+        layer = ReplicatedEmbedding(TABLES, "glorot_normal", 1, "deep", rank=r, world=3)
         for t in TABLES:
-            np.testing.assert_array_equal(layer.shards[t.name].numpy(), whole[f"deep/{t.name}"]["value"][r::world])
-            assert np.all(opt.get_slot(layer.shards[t.name], "rms").numpy() == 0.5)
-    with pytest.raises(ValueError, match="checkpoint table 'deep/a'"):
-        ranks[0].import_tables({**whole, "deep/a": {"value": np.zeros((8, 3), np.float32)}}, None)
+            rows = layer.saved_rows(t.name)
+            np.testing.assert_array_equal(rows.global_rows(0, rows.count), np.arange(r, t.cardinality, 3))
+            np.testing.assert_array_equal(layer.weights_by_name[t.name][rows.var_slice(0, rows.count)].numpy(),
+                                          layer.weights_by_name[t.name].numpy()[r::3])
+            mask, var_rows = layer.owned(t.name, np.arange(t.cardinality))
+            assert mask.all() and np.array_equal(var_rows, np.arange(t.cardinality))
 
 
-def test_single_rank_export_is_the_whole_table() -> None:
-    layer = ShardedEmbedding(TABLES, "glorot_normal", 1, "deep", fake_runtime())
-    opt = tf.keras.optimizers.legacy.Ftrl(0.1)
-    tables = layer.export_tables(opt)
-    oracle = ReplicatedEmbedding(TABLES, "glorot_normal", 1, "deep")
-    for t in TABLES:
-        np.testing.assert_array_equal(tables[f"deep/{t.name}"]["value"], oracle.weights_by_name[t.name].numpy())
-        assert set(tables[f"deep/{t.name}"]) == {"value", *opt.get_slot_names()}
+def test_initial_rows_stream_in_blocks_like_one_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filling a shard block by block gives the same values as drawing its rows at once."""
+    from wd_sok.embedding import base
+
+    monkeypatch.setattr(base, "ROW_BLOCK", 4)  # several blocks even for these small tables
+    for r in range(2):
+        layer = ShardedEmbedding(TABLES, "glorot_normal", 5, "deep", fake_runtime(r, 2))
+        for t in TABLES:
+            want = base.initial_rows(t, local_rows(t.cardinality, r, 2), 5, "glorot_normal")
+            np.testing.assert_array_equal(layer.shards[t.name].numpy(), want)
 
 
 @pytest.mark.parametrize("world", [2, 3, 8])

@@ -37,6 +37,8 @@ class Config:
                               "model_dir; a missing checkpoint is an error", "location of datasets")
     model_dir: str = _f("runs/checkpoints", "Where checkpoints are written (the last two are kept)",
                         "location of datasets")
+    keep_checkpoints: int = _f(2, "Complete checkpoints kept in model_dir (older ones are removed once a newer "
+                               "one is committed)", "location of datasets")
     results_dir: str = _f("runs/results", "Where logs and results are written", "location of datasets")
     export_dir: str = _f("", "After training (or with --evaluate), write a TensorFlow SavedModel here whose "
                          "serving signature takes the spec's raw features and returns click probabilities",
@@ -131,7 +133,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
 def check_config(cfg: Config) -> list[str]:
     """Flag values that cannot work together or at all, as readable sentences."""
     problems = []
-    for name in ("global_batch_size", "eval_batch_size", "num_epochs", "num_auc_thresholds", "log_every"):
+    for name in ("global_batch_size", "eval_batch_size", "num_epochs", "num_auc_thresholds", "log_every",
+                 "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.deep_warmup_epochs < 0:

@@ -2,10 +2,12 @@
 
 Everything the trainer needs from the collective layer goes through :class:`Runtime`, so the training loop
 reads the same on 1 or N ranks: allreduce of dense gradients and metric sums, broadcast of dense variables,
-allgather of table shards for checkpoints.
+agreement on small Python objects (checkpoint records, stop signals, errors).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -67,11 +69,26 @@ class Runtime:
         if self.size > 1 and variables:
             self.hvd.broadcast_variables(variables, root_rank=0)
 
-    def allgather(self, tensor: tf.Tensor, name: str) -> tf.Tensor:
-        """Concatenate each rank's tensor along axis 0 (first dims may differ)."""
+    def gather_to_chief(self, tensor: tf.Tensor, name: str) -> tf.Tensor:
+        """Rank 0 gets every rank's ``tensor`` concatenated along axis 0 (first dims may differ); the others
+        get an empty tensor. One alltoall whose only non-empty split goes to rank 0 (Horovod has no gather)."""
         if self.size == 1:
             return tensor
-        return self.hvd.allgather(tensor, name=name)
+        splits = tf.constant([int(tensor.shape[0])] + [0] * (self.size - 1), tf.int32)
+        received, _ = self.hvd.alltoall(tensor, splits=splits, name=name)
+        return received
+
+    def allgather_object(self, obj: Any, name: str) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order (one small collective)."""
+        if self.size == 1:
+            return [obj]
+        return list(self.hvd.allgather_object(obj, name=name))
+
+    def broadcast_object(self, obj: Any, name: str) -> Any:
+        """Rank 0's picklable ``obj`` on every rank."""
+        if self.size == 1:
+            return obj
+        return self.hvd.broadcast_object(obj, root_rank=0, name=name)
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -1,9 +1,12 @@
 """Export a trained model as a TensorFlow SavedModel that serves click probabilities from raw features.
 
-Whatever backend trained the model (replicated, sharded over N ranks, SOK), the export is the same: every
-rank takes part in gathering whole tables in global row order (a collective for sharded backends), then
-rank 0 alone builds a *replicated*, float32, dropout-free, non-XLA copy of the model, loads the gathered
-values into it and saves it. The SavedModel needs only TensorFlow to run (no wd_sok, no Horovod, no SOK).
+Whatever backend trained the model (replicated, sharded over N ranks, SOK), the export is the same: rank 0
+alone builds a *replicated*, float32, dropout-free, non-XLA copy of the model on its CPU, and every rank
+streams the rows it holds into it table by table, one block (~32 MiB) at a time, with their global row ids
+(:func:`copy_tables`: an alltoall whose only destination is rank 0). No optimizer slot travels, and no rank
+but 0 ever holds more than a block of a table it does not own; rank 0 holds the serving model's tables (the
+values, float32), which a single SavedModel inherently needs, since its variables are one TensorFlow
+checkpoint written by one process. The SavedModel needs only TensorFlow to run (no wd_sok, no Horovod, no SOK).
 
 Serving signature ``serving_default`` (every input is 1-D; B rows per request, B may be 0):
 
@@ -40,11 +43,11 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from wd_sok.checkpoint.format import block_rows
 from wd_sok.data.batch import Batch
-from wd_sok.embedding import make_embedding
 from wd_sok.embedding.base import EmbeddingCollection
+from wd_sok.embedding.replicated import ReplicatedEmbedding
 from wd_sok.model import WideDeepModel
-from wd_sok.state import import_state
 
 SIGNATURE = "serving_default"
 OUTPUT = "probability"
@@ -55,7 +58,7 @@ _INPUT_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\-/]*$")  # what TensorFlow 
 def export_saved_model(trainer: Any, export_dir: str | Path) -> None:
     """Write ``trainer``'s model to ``export_dir`` as a SavedModel (see the module docstring).
 
-    Collective: every rank must call it (sharded tables are gathered); only rank 0 writes. An existing
+    Collective: every rank must call it (each streams its rows to rank 0); only rank 0 writes. An existing
     ``export_dir`` is replaced atomically if it is empty or holds a SavedModel, else it is an error.
 
     Args:
@@ -76,10 +79,10 @@ def export_saved_model(trainer: Any, export_dir: str | Path) -> None:
         problem = problem or "rank 0 cannot write the export (see its error)"
     if problem:
         raise ValueError(problem)
-    arrays = gather_values(model)  # collective: every rank, same order
-    if not trainer.rt.is_chief:
+    serving = build_serving_model(model) if trainer.rt.is_chief else None
+    copy_tables(model, serving, trainer.rt)  # collective: every rank, same calls
+    if serving is None:
         return
-    serving = build_serving_model(model, trainer.rt, arrays)
     info = describe(trainer, model)
     with _atomic_dir(export_dir) as tmp:
         save(serving, trainer.spec, tmp, info["nan_policy"])
@@ -91,45 +94,53 @@ def export_saved_model(trainer: Any, export_dir: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- model copy
-def gather_values(model: WideDeepModel) -> dict[str, np.ndarray]:
-    """Every weight as whole arrays (no optimizer slots), keyed like :func:`wd_sok.state.export_state`.
-
-    Collective for sharded backends: ``export_tables`` allgathers each table on every rank.
-
-    Returns:
-        ``wide/<f>`` [cardinality, 1], ``deep/<f>`` [cardinality, dim], ``dense/<name>`` (any shape),
-        ``opt/wide_iterations`` and ``opt/deep_iterations`` (0: the copy carries no optimizer state).
-    """
-    arrays: dict[str, np.ndarray] = {}
-    for emb in (model.wide_embedding, model.deep_embedding):
-        for key, entry in emb.export_tables(None).items():
-            arrays[key] = np.asarray(entry["value"], np.float32)
-    for name, var in model.named_dense_variables().items():
-        arrays[f"dense/{name}"] = var.numpy().astype(np.float32)
-    arrays["opt/wide_iterations"] = arrays["opt/deep_iterations"] = np.int64(0)
-    return arrays
-
-
-def build_serving_model(model: WideDeepModel, runtime: Any, arrays: dict[str, np.ndarray]) -> WideDeepModel:
-    """A replicated float32 copy of ``model`` (same tables, widths, combiners, hidden units) holding ``arrays``.
+def build_serving_model(model: WideDeepModel) -> WideDeepModel:
+    """A replicated float32 copy of ``model`` (same tables, widths, combiners, hidden units) with zero tables
+    and ``model``'s dense weights; :func:`copy_tables` fills the tables.
 
     Built on the CPU (rank 0's accelerator is busy with training state); the SavedModel pins no device.
     """
     with tf.device("/CPU:0"):
-        wide = _replicated_like(model.wide_embedding, runtime)
-        deep = _replicated_like(model.deep_embedding, runtime)
+        wide = _replicated_like(model.wide_embedding)
+        deep = _replicated_like(model.deep_embedding)
         serving = WideDeepModel(model.categorical, model.n_numerical, wide, deep,
                                 [layer.units for layer in model.hidden], dropout=0.0, compute_dtype="float32",
                                 seed=model.seed, xla=False)
         serving(_dummy_batch(model), training=False)  # create every variable
-        no_slots = tf.keras.optimizers.legacy.SGD  # momentum 0: no slots to create or fill
-        import_state(serving, no_slots(), no_slots(), arrays)
+        targets = serving.named_dense_variables()
+        for name, var in model.named_dense_variables().items():
+            targets[name].assign(tf.cast(var, tf.float32))
     return serving
 
 
-def _replicated_like(emb: EmbeddingCollection, runtime: Any) -> EmbeddingCollection:
-    # zeros: the gathered values overwrite them, so skip the (whole-table) glorot draw
-    return make_embedding("replicated", list(emb.tables.values()), "zeros", emb.seed, emb.prefix, runtime)
+def copy_tables(model: WideDeepModel, serving: WideDeepModel | None, runtime: Any) -> None:
+    """Stream every table's values from the ranks holding them into ``serving`` (rank 0; None elsewhere).
+
+    Collective: every rank calls it and, per table, makes the same number of block transfers (the most any
+    rank needs; a rank out of rows sends an empty block). Each block is [<= block_rows(dim), dim] float32 with
+    its [n] int64 global row ids, copied to the host first, so GPU tables travel through host memory.
+    """
+    for prefix in ("wide", "deep"):
+        emb = getattr(model, f"{prefix}_embedding")
+        for name, table in emb.tables.items():
+            rows, var = emb.saved_rows(name), emb.table_variable(name)
+            step = block_rows(table.dim)
+            blocks = runtime.max_int(-(-rows.count // step), f"export_blocks_{prefix}_{name}")
+            for b in range(blocks):
+                lo, hi = min(rows.count, b * step), min(rows.count, (b + 1) * step)
+                with tf.device("/CPU:0"):
+                    values = tf.identity(var[rows.var_slice(lo, hi)]) if hi > lo else tf.zeros([0, table.dim])
+                    ids = tf.constant(rows.global_rows(lo, hi))
+                values = runtime.gather_to_chief(values, f"export_v_{prefix}_{name}_{b}")
+                ids = runtime.gather_to_chief(ids, f"export_i_{prefix}_{name}_{b}")
+                if serving is not None:
+                    target = getattr(serving, f"{prefix}_embedding").table_variable(name)
+                    target.scatter_update(tf.IndexedSlices(tf.cast(values, tf.float32), ids))
+
+
+def _replicated_like(emb: EmbeddingCollection) -> EmbeddingCollection:
+    # zeros: the streamed values overwrite them, so skip the (whole-table) glorot draw
+    return ReplicatedEmbedding(list(emb.tables.values()), "zeros", emb.seed, emb.prefix)
 
 
 def _dummy_batch(model: WideDeepModel) -> Batch:

@@ -82,13 +82,15 @@ class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
         with tf.control_dependencies([update]):
             return last.assign(tf.fill(tf.shape(last), now + 1), read_value=False)
 
-    def caught_up_rms(self, var: tf.Variable) -> tf.Tensor:
-        """[rows, ...] the ``rms`` the legacy optimizer would hold now for ``var``."""
-        rms, last = self.get_slot(var, "rms"), self.get_slot(var, "last")
+    def caught_up_rms(self, var: tf.Variable, rows: slice | None = None) -> tf.Tensor:
+        """[rows, ...] the ``rms`` the legacy optimizer would hold now for ``var`` (its rows ``rows``, all by
+        default)."""
+        rows = slice(None) if rows is None else rows
+        rms, last = self.get_slot(var, "rms")[rows], self.get_slot(var, "last")[rows]
         age = tf.cast(self.iterations, rms.dtype) - last
         factor = tf.pow(tf.cast(self._get_hyper("rho"), rms.dtype), age)
         factor = tf.reshape(factor, tf.concat([tf.shape(factor), tf.ones([tf.rank(rms) - 1], tf.int32)], 0))
-        return tf.convert_to_tensor(rms) * factor
+        return rms * factor
 
 
 def slot_names(optimizer: Optimizer | None) -> list[str]:
@@ -112,6 +114,24 @@ def write_slot(optimizer: Optimizer, var: tf.Variable, slot: str, value: np.ndar
     if isinstance(optimizer, LazyRMSprop) and slot == "rms" and _has_slot(optimizer, var, "last"):
         last = optimizer.get_slot(var, "last")
         last.assign(tf.fill(tf.shape(last), tf.cast(optimizer.iterations, last.dtype)))
+
+
+def read_slot_rows(optimizer: Optimizer, var: tf.Variable, slot: str, rows: slice) -> np.ndarray:
+    """Rows ``rows`` (a possibly strided slice) of slot ``slot`` of ``var``, as the legacy optimizer would
+    hold them: [n, ...] numpy, a copy of those rows only."""
+    if isinstance(optimizer, LazyRMSprop) and slot == "rms" and _has_slot(optimizer, var, "last"):
+        return optimizer.caught_up_rms(var, rows).numpy()
+    return optimizer.get_slot(var, slot)[rows].numpy()
+
+
+def write_slot_rows(optimizer: Optimizer, var: tf.Variable, slot: str, index: tf.Tensor,
+                    values: np.ndarray) -> None:
+    """Set rows ``index`` [n] int64 of slot ``slot`` of ``var`` from legacy-format ``values`` [n, ...]
+    (set ``optimizer.iterations`` first: the lazy optimizer's rows are then current as of that step)."""
+    optimizer.get_slot(var, slot).scatter_update(tf.IndexedSlices(values, index))
+    if isinstance(optimizer, LazyRMSprop) and slot == "rms" and _has_slot(optimizer, var, "last"):
+        now = tf.cast(optimizer.iterations, tf.float32)
+        optimizer.get_slot(var, "last").scatter_update(tf.IndexedSlices(tf.fill(tf.shape(index), now), index))
 
 
 def _has_slot(optimizer: Optimizer, var: tf.Variable, slot: str) -> bool:

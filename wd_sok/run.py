@@ -29,11 +29,11 @@ def run(cfg: Config) -> int:
             if cfg.export_dir:
                 _check_writable("export_dir", str(Path(cfg.export_dir).parent))
         trainer = Trainer(cfg, runtime)
+        if cfg.use_checkpoint:
+            trainer.restore()
         # the log starts once the run is known to be able to start: a rejected run leaves no output behind
         reporter = Reporter(cfg.results_dir, cfg.log_filename, enabled=runtime.is_chief, append=cfg.use_checkpoint)
         trainer.attach(reporter)
-        if cfg.use_checkpoint:
-            trainer.restore()
         if cfg.benchmark:
             rate = trainer.benchmark_eval() if cfg.evaluate else trainer.benchmark_train()
             reporter.info(f"{'validation' if cfg.evaluate else 'train'}_throughput {rate:,.0f} samples/s")

@@ -1,31 +1,92 @@
-"""Model + optimizer state as plain arrays (for checkpoints), independent of backend and rank count."""
+"""What a checkpoint holds, seen from the model: per-rank table rows with their slots, and replicated state.
+
+* :class:`TableState`: one table of one embedding collection on this rank, with the optimizer that owns its
+  slots. It reads and writes rows *block by block* through the backend's :class:`~wd_sok.embedding.base.RowMap`
+  and :meth:`owned`, so no caller ever holds more than one block of a table beyond the variable itself.
+* :func:`dense_state` / :func:`import_dense`: the data-parallel part (wide bias and numerics kernel, the MLP,
+  their optimizer slots, the optimizers' iteration counters): identical on every rank, small, whole arrays.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
-from wd_sok.embedding.base import ensure_slots, read_slot, slot_names, write_slot
+from wd_sok.embedding.base import EmbeddingCollection, RowMap, ensure_slots
+from wd_sok.feature_spec import TableConfig
 from wd_sok.model import WideDeepModel
+from wd_sok.optim import read_slot, read_slot_rows, slot_names, write_slot, write_slot_rows
 
 Optimizer = tf.keras.optimizers.legacy.Optimizer
 
 
-def export_state(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer) -> dict[str, np.ndarray]:
-    """All weights and optimizer slots as ``{key: array}``; a collective call for sharded tables.
+@dataclass(frozen=True)
+class TableState:
+    """One table on this rank: ``key`` is ``<prefix>/<feature>`` (e.g. ``deep/ad_id``)."""
 
-    Keys: ``wide/<feature>[:<slot>]`` and ``deep/<feature>[:<slot>]`` for whole tables [rows, dim],
-    ``dense/<name>[:<slot>]`` for the rest, ``opt/wide_iterations`` and ``opt/deep_iterations``.
-    """
-    arrays: dict[str, np.ndarray] = {}
+    key: str
+    table: TableConfig
+    collection: EmbeddingCollection
+    optimizer: Optimizer | None
+
+    @property
+    def var(self) -> tf.Variable:
+        return self.collection.table_variable(self.table.name)
+
+    @property
+    def rows(self) -> RowMap:
+        """The global rows this rank saves."""
+        return self.collection.saved_rows(self.table.name)
+
+    def arrays(self) -> list[str]:
+        """"value" and the optimizer's portable slots (legacy format)."""
+        return ["value", *slot_names(self.optimizer)]
+
+    def owned(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of global ``rows`` [n], this rank's: ([n] bool, [m] int64 variable rows)."""
+        return self.collection.owned(self.table.name, rows)
+
+    def read(self, array: str, lo: int, hi: int) -> np.ndarray:
+        """Saved rows lo..hi-1 of ``array``: [hi - lo, dim] float32 (a copy of those rows only)."""
+        sl = self.rows.var_slice(lo, hi)
+        if array == "value":
+            return self.var[sl].numpy()
+        return read_slot_rows(self.optimizer, self.var, array, sl)
+
+    def write(self, array: str, var_rows: np.ndarray, values: np.ndarray) -> None:
+        """Set variable rows ``var_rows`` [m] of ``array`` to ``values`` [m, dim]."""
+        index = tf.constant(var_rows, tf.int64)
+        if array == "value":
+            self.var.scatter_update(tf.IndexedSlices(tf.constant(values, self.var.dtype), index))
+        else:
+            write_slot_rows(self.optimizer, self.var, array, index, values)
+
+
+def table_states(model: WideDeepModel, wide_opt: Optimizer | None, deep_opt: Optimizer | None
+                 ) -> list[TableState]:
+    """Every table of the model on this rank, wide then deep, in spec order; optimizer slots created."""
+    out = []
     for emb, opt in ((model.wide_embedding, wide_opt), (model.deep_embedding, deep_opt)):
-        for name, entry in emb.export_tables(opt).items():
-            for slot, value in entry.items():
-                arrays[name if slot == "value" else f"{name}:{slot}"] = value
+        states = [TableState(f"{emb.prefix}/{name}", t, emb, opt) for name, t in emb.tables.items()]
+        ensure_slots(opt, [s.var for s in states])
+        out += states
+    return out
+
+
+def _dense_groups(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer
+                  ) -> list[tuple[str, tf.Variable, Optimizer]]:
     wide_ids = {id(v) for v in model.wide_variables}
-    for name, var in model.named_dense_variables().items():
+    return [(name, var, wide_opt if id(var) in wide_ids else deep_opt)
+            for name, var in model.named_dense_variables().items()]
+
+
+def dense_state(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer) -> dict[str, np.ndarray]:
+    """The replicated state as ``{key: array}``: ``dense/<name>[:<slot>]``, ``opt/{wide,deep}_iterations``."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, var, opt in _dense_groups(model, wide_opt, deep_opt):
         arrays[f"dense/{name}"] = var.numpy()
-        opt = wide_opt if id(var) in wide_ids else deep_opt
         for slot in slot_names(opt):
             try:
                 arrays[f"dense/{name}:{slot}"] = read_slot(opt, var, slot).numpy()
@@ -36,30 +97,30 @@ def export_state(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer)
     return arrays
 
 
-def import_state(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer,
-                 arrays: dict[str, np.ndarray]) -> None:
-    """Inverse of :func:`export_state`; the model must be built (called once)."""
-    wide_opt.iterations.assign(int(arrays["opt/wide_iterations"]))  # first: lazy slots are relative to it
+def set_iterations(wide_opt: Optimizer, deep_opt: Optimizer, arrays: dict[str, np.ndarray]) -> None:
+    """Optimizer step counters first: the lazy optimizer's restored slots are relative to them."""
+    wide_opt.iterations.assign(int(arrays["opt/wide_iterations"]))
     deep_opt.iterations.assign(int(arrays["opt/deep_iterations"]))
-    for emb, opt in ((model.wide_embedding, wide_opt), (model.deep_embedding, deep_opt)):
-        tables = {}
-        for name in emb.tables:
-            key = f"{emb.prefix}/{name}"
-            if key not in arrays:
-                raise KeyError(f"checkpoint has no table '{key}' (was it written for another feature spec?)")
-            tables[key] = {"value": arrays[key]}
-            tables[key].update({k.split(":", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{key}:")})
-        emb.import_tables(tables, opt)
-    wide_ids = {id(v) for v in model.wide_variables}
-    named = model.named_dense_variables()
-    ensure_slots(wide_opt, [v for v in named.values() if id(v) in wide_ids])
-    ensure_slots(deep_opt, [v for v in named.values() if id(v) not in wide_ids])
-    for name, var in named.items():
+
+
+def import_dense(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer,
+                 arrays: dict[str, np.ndarray], origin: str = "checkpoint") -> None:
+    """Inverse of :func:`dense_state` (iteration counters included); the model must be built.
+
+    Raises:
+        KeyError naming ``origin`` and the variable when one is missing or of another shape.
+    """
+    set_iterations(wide_opt, deep_opt, arrays)
+    groups = _dense_groups(model, wide_opt, deep_opt)
+    ensure_slots(wide_opt, [v for _, v, o in groups if o is wide_opt])
+    ensure_slots(deep_opt, [v for _, v, o in groups if o is deep_opt])
+    for name, var, opt in groups:
         key = f"dense/{name}"
         if key not in arrays or tuple(arrays[key].shape) != tuple(var.shape):
-            raise KeyError(f"checkpoint variable '{key}' missing or of another shape than {tuple(var.shape)}")
+            got = "missing" if key not in arrays else f"of shape {tuple(arrays[key].shape)}"
+            raise KeyError(f"{origin}: variable '{key}' is {got}, expected shape {tuple(var.shape)} "
+                           "(written for another feature spec or model?)")
         var.assign(arrays[key])
-        opt = wide_opt if id(var) in wide_ids else deep_opt
         for slot in slot_names(opt):
             if f"{key}:{slot}" in arrays:
                 write_slot(opt, var, slot, arrays[f"{key}:{slot}"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from wd_sok.model import WideDeepModel
 from wd_sok.optim import LazyRMSprop
 from wd_sok.reporting import Reporter
 from wd_sok.schedule import DeepLrSchedule
-from wd_sok.state import export_state, import_state
+from wd_sok.state import dense_state, import_dense, table_states
 from wd_sok.steps import make_eval_step, make_train_step
 
 
@@ -80,6 +81,9 @@ class Trainer:
                                           cfg.global_batch_size, loss_scaling=compute == "float16")
         self.eval_step = make_eval_step(self.model)
         self.epoch, self.step_in_epoch = 0, 0
+        self.saved_step, self.restored = -1, ""
+        if runtime.is_chief:  # before any rank can save: what killed saves left behind goes
+            checkpoint.clean_temporaries(cfg.model_dir)
         self._build()
 
     # ------------------------------------------------------------------ setup
@@ -96,6 +100,8 @@ class Trainer:
                          "parameters": self.parameter_count(), **_jsonable(self.cfg)})
         self.log.info(f"{self.parameter_count():,} parameters, backend {self.backend}, {self.rt.size} rank(s), "
                       f"{self.steps_per_epoch} steps/epoch of {self.local_batch * self.rt.size} samples")
+        if self.restored:
+            self.log.info(self.restored)
 
     def parameter_count(self) -> int:
         """Total (global) parameters: whole tables plus dense weights."""
@@ -103,73 +109,107 @@ class Trainer:
         return int(sum(t.cardinality * t.dim for t in tables)
                    + sum(int(np.prod(v.shape)) for v in self.model.named_dense_variables().values()))
 
-    def restore(self, required: bool = True) -> None:
-        """Load the latest checkpoint of model_dir (every rank reads the same file)."""
-        arrays, meta, path = checkpoint.load_latest(self.cfg.model_dir)
-        import_state(self.model, self.wide_opt, self.deep_opt, arrays)
-        self.epoch, self.step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
-        self.log.info(f"restored {path} (epoch {self.epoch}, step {self.global_step})")
+    def restore(self) -> None:
+        """Collective: load the latest usable checkpoint of model_dir; each rank reads only its own rows."""
+        manifest, path = checkpoint.restore_latest(
+            self.cfg.model_dir, table_states(self.model, self.wide_opt, self.deep_opt),
+            lambda arrays, origin: import_dense(self.model, self.wide_opt, self.deep_opt, arrays, origin),
+            self.rt)
+        self.epoch, self.step_in_epoch = int(manifest["epoch"]), int(manifest["step_in_epoch"])
+        self.saved_step = self.global_step
+        self.restored = (f"restored {path} (epoch {self.epoch}, step {self.global_step}; written by "
+                         f"{manifest['world_size']} rank(s), backend {manifest.get('backend')})")
+        self.log.info(self.restored)
 
     @property
     def global_step(self) -> int:
         return int(self.deep_opt.iterations.numpy())
 
     def save(self) -> None:
-        """Collective: gather whole tables; rank 0 writes the checkpoint atomically."""
-        arrays = export_state(self.model, self.wide_opt, self.deep_opt)
-        if self.rt.is_chief:
-            meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                    "seed": self.cfg.seed, "config": _jsonable(self.cfg), "backend": self.backend,
-                    "ranks": self.rt.size}
-            path = checkpoint.save(self.cfg.model_dir, self.global_step, arrays, meta)
-            self.log.info(f"saved {path}")
+        """Collective: every rank writes its own rows of every table and slot; rank 0 the rest + manifest."""
+        if self.saved_step == self.global_step:
+            return  # this exact state is on disk already
+        meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "seed": self.cfg.seed, "config": _jsonable(self.cfg), "backend": self.backend}
+        dense = dense_state(self.model, self.wide_opt, self.deep_opt) if self.rt.is_chief else None
+        out = checkpoint.save(self.cfg.model_dir, self.global_step,
+                              table_states(self.model, self.wide_opt, self.deep_opt), dense, meta, self.rt,
+                              keep=self.cfg.keep_checkpoints)
+        self.saved_step = self.global_step
+        rate = out["bytes"] / max(out["seconds"], 1e-9) / 1e6
+        self.log.info(f"saved {out['path']} ({out['total_bytes'] / 2**20:,.1f} MiB; rank 0 wrote "
+                      f"{out['bytes'] / 2**20:,.1f} MiB at {rate:,.0f} MB/s)")
+
+    def agreed_stop(self, stop: _StopFlag) -> int:
+        """Collective (one tiny allreduce): the signal number any rank received, else 0. Every rank calls it
+        at the same points, so all of them stop after the same step."""
+        stop.agreed = max(stop.agreed, self.rt.max_int(stop.signum, "stop_signal"))
+        return stop.agreed
 
     # ------------------------------------------------------------------ training
     def fit(self) -> dict[str, float]:
-        """Train from (epoch, step_in_epoch) to num_epochs, evaluating and checkpointing every epoch."""
+        """Train from (epoch, step_in_epoch) to num_epochs, evaluating and checkpointing every epoch.
+
+        SIGINT / SIGTERM on any rank (horovodrun forwards them to every rank and kills the ranks 5 s later):
+        all ranks agree after the current train or eval step, save one checkpoint (unless this state was just
+        saved) and raise :class:`Interrupted`.
+        """
         cfg, metrics = self.cfg, {}
         stop = _StopFlag()
         samples_per_step = self.local_batch * self.rt.size
-        while self.epoch < cfg.num_epochs:
-            self.train_data.set_epoch(self.epoch)
-            t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-            for i, batch in zip(range(self.steps_per_epoch), self.train_data, strict=False):
-                if i < self.step_in_epoch:  # resuming mid-epoch: skip what was already trained on
-                    continue
-                loss_sum += float(self.train_step(batch, tf.constant(self.global_step, tf.int64)))
-                self.step_in_epoch, seen = i + 1, seen + 1
-                if self.step_in_epoch % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
-                    loss = self.rt.sum_host(np.array([loss_sum, seen]), "train_loss")
-                    rate = seen * samples_per_step / (time.perf_counter() - t0)
-                    self.log.step([self.epoch, self.step_in_epoch], {
-                        "loss": loss[0] / (loss[1] * self.local_batch), "train_throughput": rate,
-                        "deep_lr": float(self.deep_opt._decayed_lr(tf.float32)),  # noqa: SLF001
-                        "eta_s": (self.steps_per_epoch - self.step_in_epoch) * samples_per_step / rate},
-                        global_step=self.global_step)
-                    loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
-                if cfg.checkpoint_steps and self.global_step % cfg.checkpoint_steps == 0:
-                    self.save()
-                if stop.requested or (cfg.max_steps and self.global_step >= cfg.max_steps):
-                    break
-            if stop.requested:
+        try:
+            while self.epoch < cfg.num_epochs:
+                self.train_data.set_epoch(self.epoch)
+                t0, seen, loss_sum = time.perf_counter(), 0, 0.0
+                for i, batch in zip(range(self.steps_per_epoch), self.train_data, strict=False):
+                    if i < self.step_in_epoch:  # resuming mid-epoch: skip what was already trained on
+                        continue
+                    loss_sum += float(self.train_step(batch, tf.constant(self.global_step, tf.int64)))
+                    self.step_in_epoch, seen = i + 1, seen + 1
+                    if self.step_in_epoch % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                        loss = self.rt.sum_host(np.array([loss_sum, seen]), "train_loss")
+                        rate = seen * samples_per_step / (time.perf_counter() - t0)
+                        self.log.step([self.epoch, self.step_in_epoch], {
+                            "loss": loss[0] / (loss[1] * self.local_batch), "train_throughput": rate,
+                            "deep_lr": float(self.deep_opt._decayed_lr(tf.float32)),  # noqa: SLF001
+                            "eta_s": (self.steps_per_epoch - self.step_in_epoch) * samples_per_step / rate},
+                            global_step=self.global_step)
+                        loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
+                    if cfg.checkpoint_steps and self.global_step % cfg.checkpoint_steps == 0:
+                        self.save()
+                    if self.agreed_stop(stop) or (cfg.max_steps and self.global_step >= cfg.max_steps):
+                        break
+                if stop.agreed:
+                    self._interrupt(stop)
+                if self.step_in_epoch >= self.steps_per_epoch:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self.save()
-                stop.restore()
-                raise Interrupted(f"signal {stop.signum}: checkpoint saved at epoch {self.epoch} step "
-                                  f"{self.step_in_epoch}", stop.signum)
-            finished_epoch = self.step_in_epoch >= self.steps_per_epoch
-            if finished_epoch:
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            self.save()
-            metrics = self.evaluate()
-            self.log.epoch_end(self.epoch, metrics)
-            if cfg.max_steps and self.global_step >= cfg.max_steps:
-                break
-        stop.restore()
+                metrics = self.evaluate(should_stop=lambda: self.agreed_stop(stop))
+                if stop.agreed:  # the state was saved just before the evaluation
+                    self._interrupt(stop)
+                self.log.epoch_end(self.epoch, metrics)
+                if cfg.max_steps and self.global_step >= cfg.max_steps:
+                    break
+            if not metrics:  # resumed after the last epoch's save, before its evaluation finished
+                metrics = self.evaluate(should_stop=lambda: self.agreed_stop(stop))
+                if stop.agreed:
+                    self._interrupt(stop)
+                self.log.epoch_end(self.epoch, metrics)
+        finally:
+            stop.restore()
         return metrics
 
+    def _interrupt(self, stop: _StopFlag) -> None:
+        self.save()
+        raise Interrupted(f"signal {stop.agreed}: checkpoint saved at epoch {self.epoch} step "
+                          f"{self.step_in_epoch} (global step {self.global_step})", stop.agreed)
+
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, float]:
-        """BCE, AUC and (exact) MAP@12 over the whole test mapping, summed over ranks."""
+    def evaluate(self, should_stop: Callable[[], int] | None = None) -> dict[str, float]:
+        """BCE, AUC and (exact) MAP@12 over the whole test mapping, summed over ranks.
+
+        ``should_stop`` (a collective every rank calls after each step) ends the evaluation early: {}.
+        """
         bce, auc = StreamingBce(), StreamingAuc(self.cfg.num_auc_thresholds)
         mapk = StreamingMap(k=12) if self.cfg.map_calculation_enabled else None
         steps = self.rt.max_int(len(self.eval_data), "eval_steps")  # collectives: every rank runs every step
@@ -183,12 +223,16 @@ class Trainer:
                 empty = _head(batch, 0)
             probs = self.eval_step(batch).numpy()
             if probs.size == 0:
+                if should_stop is not None and should_stop():
+                    return {}
                 continue
             labels = batch.label.numpy()
             bce.update(probs, labels)
             auc.update(probs, labels)
             if mapk is not None:
                 mapk.update(batch.map_ids.numpy(), probs, labels)
+            if should_stop is not None and should_stop():
+                return {}
         out = {}
         b = self.rt.sum_host(bce.sums(), "eval_bce")
         out["loss_val"] = float(b[0] / max(b[1], 1))
@@ -253,10 +297,10 @@ def _jsonable(cfg: Config) -> dict:
 
 
 class _StopFlag:
-    """Turns SIGINT / SIGTERM into a flag the loop checks after each step (then it saves and exits)."""
+    """Turns SIGINT / SIGTERM into a flag; the ranks agree on it after each step (then save and exit)."""
 
     def __init__(self) -> None:
-        self.requested, self.signum = False, 0
+        self.requested, self.signum, self.agreed = False, 0, 0
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum: int, _frame: object) -> None:

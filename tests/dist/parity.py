@@ -29,8 +29,9 @@ from wd_sok.config import Config  # noqa: E402
 from wd_sok.distributed import Runtime  # noqa: E402
 from wd_sok.embedding import make_embedding  # noqa: E402
 from wd_sok.feature_spec import TableConfig  # noqa: E402
-from wd_sok.state import export_state  # noqa: E402
 from wd_sok.train import Trainer  # noqa: E402
+
+from tests.dist.state import gathered_state  # noqa: E402
 
 CHECK_AFTER = (1, 10)
 REALISTIC = [TableConfig("big", 100_000, 16), TableConfig("mid", 25_013, 16), TableConfig("tiny", 4, 16),
@@ -63,7 +64,7 @@ def run_combiner(rt: Runtime, data: str, backend: str, combiner: str, tmp: Path)
     report = {"backend": test.backend, "forward_0": 0.0}
     p0 = np.abs(test.eval_step(probe).numpy() - oracle.eval_step(probe).numpy()).max(initial=0.0)
     report["forward_0"] = max_over_ranks(rt, float(p0), f"fwd0_{combiner}")
-    initial = export_state(oracle.model, oracle.wide_opt, oracle.deep_opt)
+    initial = gathered_state(oracle.model, oracle.wide_opt, oracle.deep_opt, rt)
     for step, batch in enumerate(batches, start=1):
         g = tf.constant(step - 1, tf.int64)
         loss_t, loss_o = test.train_step(batch, g), oracle.train_step(batch, g)
@@ -71,12 +72,12 @@ def run_combiner(rt: Runtime, data: str, backend: str, combiner: str, tmp: Path)
         if step in CHECK_AFTER:
             fwd = np.abs(test.eval_step(probe).numpy() - oracle.eval_step(probe).numpy()).max(initial=0.0)
             report[f"forward_{step}"] = max_over_ranks(rt, float(fwd), f"fwd{step}_{combiner}")
-            diff, missing = state_diff(export_state(test.model, test.wide_opt, test.deep_opt),
-                                       export_state(oracle.model, oracle.wide_opt, oracle.deep_opt))
+            diff, missing = state_diff(gathered_state(test.model, test.wide_opt, test.deep_opt, rt),
+                                       gathered_state(oracle.model, oracle.wide_opt, oracle.deep_opt, rt))
             report[f"weights_{step}"] = max_over_ranks(rt, diff, f"w{step}_{combiner}")
             report[f"missing_{step}"] = missing
     # not vacuous: the oracle's tables and weights did move (tables only: moved_tables)
-    final = export_state(oracle.model, oracle.wide_opt, oracle.deep_opt)
+    final = gathered_state(oracle.model, oracle.wide_opt, oracle.deep_opt, rt)
     report["moved_tables"] = min(float(np.abs(final[k] - initial[k]).max())
                                  for k in initial if k.startswith(("wide/", "deep/")) and ":" not in k)
     report["steps"] = len(batches)

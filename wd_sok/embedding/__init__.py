@@ -25,7 +25,7 @@ def make_embedding(backend: str, tables: list[TableConfig], initializer: str, se
     if backend == "replicated":
         from wd_sok.embedding.replicated import ReplicatedEmbedding
 
-        return ReplicatedEmbedding(tables, initializer, seed, prefix)
+        return ReplicatedEmbedding(tables, initializer, seed, prefix, runtime.rank, runtime.size)
     if backend == "sharded":
         from wd_sok.embedding.sharded import ShardedEmbedding
 

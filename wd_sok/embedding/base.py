@@ -4,13 +4,17 @@ Contract (as in TensorFlow Recommenders): a Keras layer called with a dict of fe
 pooled feature vectors. Ids are one-hot [B] ints or multi-hot tf.RaggedTensor [B, (k)]; outputs are [B, dim]
 float32, multi-hot rows pooled by the table's combiner (sum, or mean = sum / row length; empty rows give 0).
 
-Checkpoints never see placement: :meth:`export_tables` returns whole tables (global row order) with their
-optimizer slots, and :meth:`import_tables` takes the same, whatever the backend and rank count that wrote them.
+Checkpoints never see placement and never gather a table: per table, a backend says which global rows this
+rank saves and where they sit in its variable (:meth:`EmbeddingCollection.saved_rows`, a :class:`RowMap`), and
+which global rows it owns on restore (:meth:`EmbeddingCollection.owned`). ``wd_sok.checkpoint`` streams those
+rows, block by block, to and from per-rank files whose manifest records every row's global id, so a checkpoint
+written under N ranks and one backend restores under M ranks and another.
 """
 
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -61,6 +65,51 @@ def initial_rows(table: TableConfig, rows: np.ndarray, seed: int, kind: str) -> 
     return out
 
 
+@dataclass(frozen=True)
+class RowMap:
+    """The rows of one table a rank saves: saved row ``i`` (``0 <= i < count``) is global row
+    ``start + i * stride`` and sits at row ``vstart + i * vstride`` of the rank's variable.
+
+    Sharded (row g on rank g % N): ``start = rank, stride = N``, the whole local variable (``vstart 0,
+    vstride 1``). Replicated under N ranks: every rank holds the whole table but saves only rows
+    ``rank::N`` (``vstart = rank, vstride = N``), so the ranks write in parallel and nothing twice.
+    """
+
+    start: int
+    stride: int
+    count: int
+    vstart: int = 0
+    vstride: int = 1
+
+    def global_rows(self, lo: int, hi: int) -> np.ndarray:
+        """[hi - lo] int64 global ids of saved rows lo..hi-1."""
+        return self.start + np.arange(lo, hi, dtype=np.int64) * self.stride
+
+    def var_slice(self, lo: int, hi: int) -> slice:
+        """The variable rows holding saved rows lo..hi-1 (a strided slice)."""
+        return slice(self.vstart + lo * self.vstride, self.vstart + hi * self.vstride, self.vstride)
+
+
+def strided_rows(cardinality: int, rank: int, world: int) -> int:
+    """Rows ``rank, rank + world, ...`` below ``cardinality``: ceil((cardinality - rank) / world)."""
+    return max(0, -(-(cardinality - rank) // world))
+
+
+def fill_initial(var: tf.Variable, table: TableConfig, rows: RowMap, seed: int, kind: str) -> None:
+    """Write the initial values of ``rows`` into ``var`` one :data:`ROW_BLOCK` of rows at a time.
+
+    The variable is created with zeros; no second full-size copy of it (numpy or tf.constant) ever exists:
+    the memory this adds is one block of [ROW_BLOCK, dim] float32 (plus one Philox block while drawing).
+    """
+    if kind == "zeros":
+        return
+    for lo in range(0, rows.count, ROW_BLOCK):
+        hi = min(rows.count, lo + ROW_BLOCK)
+        values = initial_rows(table, rows.global_rows(lo, hi), seed, kind)
+        sl = rows.var_slice(lo, hi)
+        var.scatter_update(tf.IndexedSlices(values, tf.range(sl.start, sl.stop, sl.step, dtype=tf.int64)))
+
+
 def pool(vectors: tf.Tensor | tf.RaggedTensor, combiner: str) -> tf.Tensor:
     """Pool looked-up vectors: [B, dim] passes through; ragged [B, (k), dim] -> [B, dim] by sum or mean."""
     if not isinstance(vectors, tf.RaggedTensor):
@@ -107,14 +156,18 @@ class EmbeddingCollection(tf.keras.layers.Layer):
         """Bytes of embedding values held by this rank."""
         return int(sum(np.prod(v.shape) * v.dtype.size for v in self.trainable_variables))
 
-    def export_tables(self, optimizer: tf.keras.optimizers.legacy.Optimizer | None
-                      ) -> dict[str, dict[str, np.ndarray]]:
-        """``{"<prefix>/<name>": {"value": [rows, dim], "<slot>": [rows, dim], ...}}`` in global row order."""
+    # ---- what a backend exposes to checkpoints and export (never a whole table it does not own)
+    def table_variable(self, name: str) -> tf.Variable:
+        """The variable holding this rank's rows of table ``name``."""
         raise NotImplementedError
 
-    def import_tables(self, tables: dict[str, dict[str, np.ndarray]],
-                      optimizer: tf.keras.optimizers.legacy.Optimizer | None) -> None:
-        """Load whole tables (and slots) written by any backend and rank count."""
+    def saved_rows(self, name: str) -> RowMap:
+        """Which global rows of ``name`` this rank writes to a checkpoint, and where they sit in its variable."""
+        raise NotImplementedError
+
+    def owned(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Of global ``rows`` [n] int64, which this rank holds: ([n] bool mask, [m] int64 variable rows of the
+        masked ones, in order)."""
         raise NotImplementedError
 
 

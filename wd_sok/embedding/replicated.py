@@ -9,27 +9,26 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from wd_sok.embedding.base import (
-    EmbeddingCollection,
-    ensure_slots,
-    initial_rows,
-    pool,
-    read_slot,
-    slot_names,
-    write_slot,
-)
+from wd_sok.embedding.base import EmbeddingCollection, RowMap, fill_initial, pool, strided_rows
 from wd_sok.feature_spec import TableConfig
 
 
 class ReplicatedEmbedding(EmbeddingCollection):
-    """Whole tables on every rank; lookups are local gathers (gradients are IndexedSlices)."""
+    """Whole tables on every rank; lookups are local gathers (gradients are IndexedSlices).
 
-    def __init__(self, tables: list[TableConfig], initializer: str, seed: int, prefix: str, **kw) -> None:
+    ``rank`` / ``world`` only decide which rows this rank writes to a checkpoint (``rank::world``: the ranks
+    hold the same tables, so each saves a disjoint slice of them, in parallel).
+    """
+
+    def __init__(self, tables: list[TableConfig], initializer: str, seed: int, prefix: str, rank: int = 0,
+                 world: int = 1, **kw) -> None:
         super().__init__(tables, initializer, seed, prefix, **kw)
+        self.rank, self.world = rank, world
         self.weights_by_name: dict[str, tf.Variable] = {}
         for t in tables:
-            init = initial_rows(t, np.arange(t.cardinality), seed, initializer)
-            self.weights_by_name[t.name] = tf.Variable(init, name=f"{prefix}/{t.name}", trainable=True)
+            var = tf.Variable(tf.zeros([t.cardinality, t.dim]), name=f"{prefix}/{t.name}", trainable=True)
+            fill_initial(var, t, RowMap(0, 1, t.cardinality), seed, initializer)
+            self.weights_by_name[t.name] = var
 
     @tf.autograph.experimental.do_not_convert  # see EmbeddingCollection.call
     def lookup(self, ids: dict[str, tf.Tensor | tf.RaggedTensor]) -> dict[str, tf.Tensor]:
@@ -39,20 +38,14 @@ class ReplicatedEmbedding(EmbeddingCollection):
             out[name] = pool(vectors, table.combiner)
         return out
 
-    def export_tables(self, optimizer=None) -> dict[str, dict[str, np.ndarray]]:
-        out = {}
-        for name, var in self.weights_by_name.items():
-            entry = {"value": var.numpy()}
-            for slot in slot_names(optimizer):
-                entry[slot] = read_slot(optimizer, var, slot).numpy()
-            out[f"{self.prefix}/{name}"] = entry
-        return out
+    def table_variable(self, name: str) -> tf.Variable:
+        return self.weights_by_name[name]
 
-    def import_tables(self, tables: dict[str, dict[str, np.ndarray]], optimizer=None) -> None:
-        ensure_slots(optimizer, list(self.weights_by_name.values()))
-        for name, var in self.weights_by_name.items():
-            entry = tables[f"{self.prefix}/{name}"]
-            var.assign(entry["value"])
-            for slot in slot_names(optimizer):
-                if slot in entry:  # absent when the checkpoint was written before the first step
-                    write_slot(optimizer, var, slot, entry[slot])
+    def saved_rows(self, name: str) -> RowMap:
+        card = self.tables[name].cardinality
+        return RowMap(start=self.rank, stride=self.world, count=strided_rows(card, self.rank, self.world),
+                      vstart=self.rank, vstride=self.world)
+
+    def owned(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every row, at its own index."""
+        return np.ones(rows.shape, bool), rows

@@ -29,15 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from wd_sok.distributed import Runtime
-from wd_sok.embedding.base import (
-    EmbeddingCollection,
-    ensure_slots,
-    initial_rows,
-    pool,
-    read_slot,
-    slot_names,
-    write_slot,
-)
+from wd_sok.embedding.base import EmbeddingCollection, RowMap, fill_initial, pool, strided_rows
 from wd_sok.feature_spec import TableConfig
 
 Ids = tf.Tensor | tf.RaggedTensor
@@ -46,20 +38,6 @@ Ids = tf.Tensor | tf.RaggedTensor
 def local_rows(cardinality: int, rank: int, world: int) -> np.ndarray:
     """Global rows owned by ``rank``, in local order: [ceil((cardinality - rank) / world)] int64."""
     return np.arange(rank, cardinality, world, dtype=np.int64)
-
-
-def to_global_order(gathered: np.ndarray, cardinality: int, world: int) -> np.ndarray:
-    """Reorder rank-concatenated shards (rank 0's local rows, then rank 1's, ...) into global row order.
-
-    Args:
-        gathered: [cardinality, ...] the shards concatenated in rank order.
-    Returns:
-        [cardinality, ...] with row g taken from rank g % world, local row g // world.
-    """
-    counts = np.array([local_rows(cardinality, r, world).size for r in range(world)], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    g = np.arange(cardinality, dtype=np.int64)
-    return gathered[offsets[g % world] + g // world]
 
 
 @tf.autograph.experimental.do_not_convert
@@ -82,7 +60,7 @@ def checked_ids(x: Ids, table: TableConfig, prefix: str) -> tf.Tensor:
 
 
 class RowShardedCollection(EmbeddingCollection):
-    """What the sharded and SOK backends share: row g of a table on rank g % N, and checkpoints.
+    """What the sharded and SOK backends share: row g of a table on rank g % N, and its checkpoint rows.
 
     Subclasses fill ``self.shards`` (feature name -> this rank's [ceil((cardinality - rank) / N), dim]
     variable, local row l = global row rank + l * N) and implement ``call``.
@@ -96,10 +74,13 @@ class RowShardedCollection(EmbeddingCollection):
         self.names = [t.name for t in tables]
         self.shards: dict[str, tf.Variable] = {}
 
-    def initial_shard(self, table: TableConfig) -> np.ndarray:
-        """This rank's initial rows of ``table``: [ceil((cardinality - rank) / N), dim] float32."""
-        return initial_rows(table, local_rows(table.cardinality, self.rank, self.world), self.seed,
-                            self.initializer)
+    def new_shard(self, table: TableConfig) -> tf.Variable:
+        """This rank's [ceil((cardinality - rank) / N), dim] float32 variable of ``table`` with its initial
+        rows (:func:`initial_rows` of exactly its global rows), filled block by block (no full-size copy)."""
+        var = tf.Variable(tf.zeros([local_rows(table.cardinality, self.rank, self.world).size, table.dim]),
+                          name=f"{self.prefix}/{table.name}", trainable=True)
+        fill_initial(var, table, self.saved_rows(table.name), self.seed, self.initializer)
+        return var
 
     # ------------------------------------------------------------------ training / checkpoints
     @property
@@ -110,39 +91,18 @@ class RowShardedCollection(EmbeddingCollection):
     def local_bytes(self) -> int:
         return int(sum(np.prod(v.shape) * v.dtype.size for v in self.shards.values()))
 
-    def export_tables(self, optimizer: tf.keras.optimizers.legacy.Optimizer | None = None
-                      ) -> dict[str, dict[str, np.ndarray]]:
-        """Collective: every rank gets whole tables and slots [cardinality, dim] in global row order."""
-        ensure_slots(optimizer, self.sparse_variables)
-        out = {}
-        for name, var in self.shards.items():
-            card = self.tables[name].cardinality
-            entry = {"value": self._gather_whole(var, card, f"{self.prefix}/{name}")}
-            for slot in slot_names(optimizer):
-                entry[slot] = self._gather_whole(read_slot(optimizer, var, slot), card,
-                                                 f"{self.prefix}/{name}:{slot}")
-            out[f"{self.prefix}/{name}"] = entry
-        return out
+    def table_variable(self, name: str) -> tf.Variable:
+        return self.shards[name]
 
-    def _gather_whole(self, var: tf.Variable | tf.Tensor, cardinality: int, name: str) -> np.ndarray:
-        gathered = self.runtime.allgather(tf.convert_to_tensor(var), name=f"export_{name}").numpy()
-        return to_global_order(gathered, cardinality, self.world)
+    def saved_rows(self, name: str) -> RowMap:
+        """Global rows ``rank, rank + N, ...``: the whole local shard, in local order."""
+        card = self.tables[name].cardinality
+        return RowMap(start=self.rank, stride=self.world, count=strided_rows(card, self.rank, self.world))
 
-    def import_tables(self, tables: dict[str, dict[str, np.ndarray]],
-                      optimizer: tf.keras.optimizers.legacy.Optimizer | None = None) -> None:
-        """Keep rows g % N == rank of whole tables (and of the slots present) written by any backend."""
-        ensure_slots(optimizer, self.sparse_variables)
-        for name, var in self.shards.items():
-            key, table = f"{self.prefix}/{name}", self.tables[name]
-            entry = tables[key]
-            for slot, whole in entry.items():
-                if tuple(whole.shape) != (table.cardinality, table.dim):
-                    raise ValueError(f"checkpoint table '{key}' ({slot}) has shape {tuple(whole.shape)}, "
-                                     f"expected {(table.cardinality, table.dim)}")
-            var.assign(entry["value"][self.rank::self.world])
-            for slot in slot_names(optimizer):
-                if slot in entry:
-                    write_slot(optimizer, var, slot, entry[slot][self.rank::self.world])
+    def owned(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows with ``g % N == rank``, at local row ``g // N``."""
+        mask = rows % self.world == self.rank
+        return mask, rows[mask] // self.world
 
 
 class ShardedEmbedding(RowShardedCollection):
@@ -160,7 +120,7 @@ class ShardedEmbedding(RowShardedCollection):
                  runtime: Runtime, **kw) -> None:
         super().__init__(tables, initializer, seed, prefix, runtime, **kw)
         for t in tables:
-            self.shards[t.name] = tf.Variable(self.initial_shard(t), name=f"{prefix}/{t.name}", trainable=True)
+            self.shards[t.name] = self.new_shard(t)
 
     # ------------------------------------------------------------------ lookup
     @tf.autograph.experimental.do_not_convert  # see EmbeddingCollection.call

@@ -22,8 +22,11 @@ SOK 2.x functions relied on (sparse_operation_kit/__init__.py, distributed_varia
   0 exactly as :func:`pool` does, whatever SOK does with them.
 * ``sok.filter_variables(vars) -> (sok_vars, other_vars)``: :attr:`sparse_variables` (never allreduced).
 
-Checkpoints do not use SOK's ``sok.dump`` / ``sok.load`` (they cannot save RMSprop / FTRL slots): whole tables
-and slots are allgathered through Horovod like the sharded backend (:class:`RowShardedCollection`).
+Checkpoints do not use SOK's ``sok.dump`` / ``sok.load``: each rank streams its own rows and slots to its own
+files in wd-sok's sharded format (``wd_sok.checkpoint``, through :class:`RowShardedCollection`'s row maps),
+exactly as the sharded backend does, so checkpoints move between SOK, CPU backends and rank counts. The
+initial rows are written the same way: ``sok.Variable`` starts from zeros and :func:`fill_initial` writes
+them block by block (no full-shard tf.constant).
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ from __future__ import annotations
 import inspect
 from types import ModuleType
 
-import numpy as np
 import tensorflow as tf
 
 from wd_sok.distributed import Runtime
+from wd_sok.embedding.base import fill_initial
 from wd_sok.embedding.sharded import Ids, RowShardedCollection, checked_ids, local_rows
 from wd_sok.feature_spec import TableConfig
 
@@ -83,10 +86,8 @@ class SokEmbedding(RowShardedCollection):
         super().__init__(tables, initializer, seed, prefix, runtime, **kw)
         sok = init_sok(runtime)
         for t in tables:
-            values = self.initial_shard(t)
-
-            def init(shape: tuple, dtype: tf.DType | None = None, _values: np.ndarray = values) -> tf.Tensor:
-                return tf.constant(_values, dtype or tf.float32)
+            def init(shape: tuple, dtype: tf.DType | None = None) -> tf.Tensor:
+                return tf.zeros(shape, dtype or tf.float32)  # the initial rows follow block by block
 
             var = sok.Variable(shape=[t.cardinality, t.dim], initializer=init, dtype=tf.float32,
                                     name=f"{prefix}_{t.name}")
@@ -94,6 +95,7 @@ class SokEmbedding(RowShardedCollection):
             if tuple(var.shape) != expected:
                 raise RuntimeError(f"SOK placed {tuple(var.shape)} rows of table '{prefix}/{t.name}' on rank "
                                    f"{self.rank}, expected {expected} (row g on rank g % N): unsupported SOK")
+            fill_initial(var, t, self.saved_rows(t.name), seed, initializer)
             self.shards[t.name] = var
 
     @tf.autograph.experimental.do_not_convert  # see EmbeddingCollection.call

@@ -1,0 +1,134 @@
+"""The sharded checkpoint format: one folder per step, one file per (table, array, writing rank), a manifest.
+
+Layout of ``<model_dir>/ckpt-<step>/`` (written as ``.tmp-ckpt-<step>-<pid>/`` and renamed when complete)::
+
+    manifest.json                      written last (a step exists iff its manifest does)
+    dense.npz                          replicated state: MLP and wide weights, their slots, iteration counters
+    <group>.<table>.<array>.r<rank>-of-<N>.npy
+                                       rank's rows of one table's values (array "value") or one optimizer slot
+                                       ("rms", "accumulator", "linear"): a standard .npy [count, dim] float32
+
+The manifest (JSON; :data:`VERSION` 1) holds: ``format``, ``version``, ``step``, ``epoch``, ``step_in_epoch``,
+``seed``, ``backend``, ``world_size`` (of the writer), the resolved ``config``, per table
+``{cardinality, dim, dtype, arrays, placement, shards: [{rank, start, stride, count, files: {array: name}}]}``
+and per file ``{bytes, crc32}``. Row ``i`` of a shard file is global row ``start + i * stride``: the global id
+of every row is in the manifest, not implied by the writer's rank count, so a reader under any rank count and
+backend reads, of each file, only the row ranges holding rows it owns (and never a whole table it does not).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "wd-sok-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+DENSE = "dense.npz"
+PLACEMENT = "row i of a shard is global row start + i * stride"
+CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+LEGACY_RE = re.compile(r"^ckpt-(\d+)\.npz$")
+TMP_PREFIX = ".tmp-ckpt-"
+BLOCK_BYTES = 32 << 20  # rows are streamed to and from files in blocks of about this many bytes
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was required (or a save failed); the message is one line."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A missing, truncated or damaged file: an older checkpoint may still be usable."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """Written for another feature spec or by a newer format version: no fallback can help."""
+
+
+def shard_file(key: str, array: str, rank: int, world: int) -> str:
+    """File name of ``rank``'s rows of table ``key`` ("deep/ad_id") and ``array`` ("value", "rms", ...)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key.replace("/", "."))
+    return f"{safe}.{array}.r{rank:05d}-of-{world:05d}.npy"
+
+
+def block_rows(dim: int) -> int:
+    """Rows per streamed block for a table of width ``dim`` (float32)."""
+    return max(1, BLOCK_BYTES // (4 * max(dim, 1)))
+
+
+def list_checkpoints(model_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders (those with a manifest) in ``model_dir``, oldest first."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir()
+             if (m := CKPT_RE.match(p.name)) and (p / MANIFEST).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def list_legacy(model_dir: str | Path) -> list[Path]:
+    """Checkpoints of the earlier single-file format (``ckpt-<step>.npz``), oldest first."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := LEGACY_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def clean_temporaries(model_dir: str | Path) -> list[Path]:
+    """Remove what killed saves left (``.tmp-ckpt-*`` folders, step folders without a manifest); returns them.
+
+    Call on one rank at start-up, before any rank can save.
+    """
+    d = Path(model_dir)
+    if not d.is_dir():
+        return []
+    stale = [p for p in d.iterdir() if p.is_dir() and (p.name.startswith(TMP_PREFIX) or (
+        CKPT_RE.match(p.name) and not (p / MANIFEST).is_file()))]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of checkpoint ``folder``; CorruptCheckpoint if unreadable, Incompatible if too new."""
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{folder}: {MANIFEST} unreadable ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CorruptCheckpoint(f"{folder}: {MANIFEST} is not a wd-sok checkpoint manifest")
+    if int(manifest.get("version", 0)) > VERSION:
+        raise IncompatibleCheckpoint(f"{folder}: {MANIFEST}: format version {manifest['version']} is newer "
+                                     f"than this wd-sok reads ({VERSION}); upgrade wd-sok")
+    return manifest
+
+
+def write_npy_header(f: Any, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """The standard .npy header (format 1.0) for a C-ordered array; data follows."""
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                             "fortran_order": False, "shape": tuple(shape)})
+
+
+def read_npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) of the .npy file open as ``f`` (positioned at 0)."""
+    version = np.lib.format.read_magic(f)
+    shape, fortran, dtype = np.lib.format._read_array_header(f, version)  # noqa: SLF001 - numpy's own parser
+    if fortran:
+        raise ValueError("Fortran-ordered arrays are not written by wd-sok")
+    return tuple(shape), dtype, f.tell()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

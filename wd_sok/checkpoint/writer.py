@@ -1,0 +1,165 @@
+"""Collective save of a sharded checkpoint: every rank streams its own rows; rank 0 adds the rest and commits.
+
+Memory: besides the variables themselves, a rank holds one block (:func:`~wd_sok.checkpoint.format.block_rows`,
+about 32 MiB) of one array at a time; rank 0 also holds the replicated dense state (the MLP and its slots).
+I/O: each rank writes ``rows x dim x 4`` bytes per array (values and every slot) of the rows it saves, in
+parallel with the others. Collectives: one agreement that the folder exists, one gather of the per-rank file
+records, one broadcast of the outcome; every rank makes the same calls whatever happens locally.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wd_sok.checkpoint.format import (
+    DENSE,
+    FORMAT,
+    MANIFEST,
+    PLACEMENT,
+    TMP_PREFIX,
+    VERSION,
+    CheckpointError,
+    block_rows,
+    fsync_dir,
+    list_checkpoints,
+    shard_file,
+    write_npy_header,
+)
+from wd_sok.distributed import Runtime
+from wd_sok.state import TableState
+
+
+def save(model_dir: str | Path, step: int, tables: list[TableState], dense: dict[str, np.ndarray] | None,
+         meta: dict[str, Any], runtime: Runtime, keep: int = 2) -> dict[str, Any]:
+    """Write checkpoint ``ckpt-<step>`` (collective: every rank calls it with its own ``tables``).
+
+    Args:
+        model_dir: the checkpoint folder, shared by every rank (a shared filesystem across hosts).
+        step: global step (the folder's name).
+        tables: this rank's tables (:func:`wd_sok.state.table_states`).
+        dense: the replicated state (:func:`wd_sok.state.dense_state`); only rank 0's is used.
+        meta: epoch, step_in_epoch, seed, backend, config... copied into the manifest.
+        runtime: rank, world size, collectives.
+        keep: complete checkpoints kept (older ones are removed after this one is committed).
+
+    Returns:
+        ``{"path", "bytes" (this rank's), "seconds" (this rank's writing), "total_bytes"}``.
+
+    Raises:
+        CheckpointError (on every rank) when any rank failed; nothing is left under a ``ckpt-*`` name then.
+    """
+    model_dir = Path(model_dir)
+    final = model_dir / f"ckpt-{step}"
+    tmp = model_dir / f"{TMP_PREFIX}{step}"
+    problem = ""
+    if runtime.is_chief:
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            problem = f"cannot create {tmp} ({e.strerror})"
+    problem = runtime.broadcast_object(problem, "ckpt_dir")
+    if problem:
+        raise CheckpointError(f"checkpoint at step {step} not saved: {problem}")
+
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {"rank": runtime.rank, "tables": {}, "files": {}, "error": ""}
+    try:
+        for state in tables:
+            record["tables"][state.key] = _write_table(tmp, state, runtime, record["files"])
+    except OSError as e:
+        record["error"] = f"rank {runtime.rank}: {e.filename or tmp}: {e.strerror}"
+    seconds = time.perf_counter() - t0
+    mine = sum(f["bytes"] for f in record["files"].values())
+    records = runtime.allgather_object(record, "ckpt_records")
+
+    outcome = {"path": str(final), "error": next((r["error"] for r in records if r["error"]), "")}
+    if runtime.is_chief:
+        try:
+            if outcome["error"]:
+                raise CheckpointError(outcome["error"])
+            info = {s.key: {"cardinality": s.table.cardinality, "dim": s.table.dim, "dtype": "float32"}
+                    for s in tables}
+            _commit(tmp, final, step, records, dense, {**meta, "tables": info}, runtime.size)
+            for old in list_checkpoints(model_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        except (OSError, CheckpointError) as e:
+            outcome["error"] = outcome["error"] or str(e)
+            shutil.rmtree(tmp, ignore_errors=True)
+    outcome = runtime.broadcast_object(outcome, "ckpt_outcome")
+    if outcome["error"]:
+        raise CheckpointError(f"checkpoint at step {step} not saved: {outcome['error']}")
+    return {"path": outcome["path"], "bytes": mine, "seconds": seconds,
+            "total_bytes": sum(f["bytes"] for r in records for f in r["files"].values())}
+
+
+def _write_table(folder: Path, state: TableState, runtime: Runtime, files: dict[str, dict]) -> dict[str, Any]:
+    """Write this rank's rows of every array of one table; returns its shard record."""
+    rows, dim = state.rows, state.table.dim
+    shard = {"rank": runtime.rank, "start": rows.start, "stride": rows.stride, "count": rows.count, "files": {}}
+    step = block_rows(dim)
+    for array in state.arrays():
+        name = shard_file(state.key, array, runtime.rank, runtime.size)
+        header = io.BytesIO()
+        write_npy_header(header, (rows.count, dim), np.float32)
+        with open(folder / name, "wb") as f:
+            f.write(header.getvalue())
+            crc = zlib.crc32(header.getvalue())  # the header too: a damaged header is a damaged file
+            for lo in range(0, rows.count, step):
+                block = np.ascontiguousarray(state.read(array, lo, min(rows.count, lo + step)), np.float32)
+                f.write(block.data)
+                crc = zlib.crc32(block.data, crc)
+            f.flush()
+            os.fsync(f.fileno())
+            size = f.tell()
+        files[name] = {"bytes": size, "crc32": crc}
+        shard["files"][array] = name
+    return shard
+
+
+def _commit(tmp: Path, final: Path, step: int, records: list[dict], dense: dict[str, np.ndarray] | None,
+            meta: dict[str, Any], world: int) -> None:
+    """Rank 0: dense state, then the manifest, then the rename that makes the step exist."""
+    files: dict[str, dict] = {}
+    for r in records:
+        files.update(r["files"])
+    if dense is not None:
+        buf = io.BytesIO()
+        np.savez(buf, **dense)
+        data = buf.getvalue()
+        _write_durable(tmp / DENSE, data)
+        files[DENSE] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+    tables: dict[str, Any] = {}
+    for r in records:
+        for key, shard in r["tables"].items():
+            entry = tables.setdefault(key, {"arrays": list(shard["files"]), "shards": []})
+            entry["shards"].append(shard)
+    for key, entry in tables.items():
+        entry.update(meta["tables"][key])  # cardinality, dim, dtype from the table's config
+        entry["placement"] = PLACEMENT
+    manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world,
+                "written_unix": time.time(), **{k: v for k, v in meta.items() if k != "tables"},
+                "tables": tables, "files": files}
+    _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    fsync_dir(tmp)
+    if final.exists():  # an earlier run reached this step too: the newer save replaces it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
