@@ -82,16 +82,21 @@ def _dense_groups(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer
             for name, var in model.named_dense_variables().items()]
 
 
+def _ensure_dense_slots(groups: list[tuple[str, tf.Variable, Optimizer]], wide_opt: Optimizer,
+                        deep_opt: Optimizer) -> None:
+    ensure_slots(wide_opt, [v for _, v, o in groups if o is wide_opt])
+    ensure_slots(deep_opt, [v for _, v, o in groups if o is deep_opt])
+
+
 def dense_state(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer) -> dict[str, np.ndarray]:
     """The replicated state as ``{key: array}``: ``dense/<name>[:<slot>]``, ``opt/{wide,deep}_iterations``."""
     arrays: dict[str, np.ndarray] = {}
-    for name, var, opt in _dense_groups(model, wide_opt, deep_opt):
+    groups = _dense_groups(model, wide_opt, deep_opt)
+    _ensure_dense_slots(groups, wide_opt, deep_opt)  # before the first step too: every slot is saved
+    for name, var, opt in groups:
         arrays[f"dense/{name}"] = var.numpy()
         for slot in slot_names(opt):
-            try:
-                arrays[f"dense/{name}:{slot}"] = read_slot(opt, var, slot).numpy()
-            except KeyError:  # slots not created yet (no step taken): nothing to save
-                pass
+            arrays[f"dense/{name}:{slot}"] = read_slot(opt, var, slot).numpy()
     arrays["opt/wide_iterations"] = np.int64(wide_opt.iterations.numpy())
     arrays["opt/deep_iterations"] = np.int64(deep_opt.iterations.numpy())
     return arrays
@@ -112,8 +117,7 @@ def import_dense(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimizer,
     """
     set_iterations(wide_opt, deep_opt, arrays)
     groups = _dense_groups(model, wide_opt, deep_opt)
-    ensure_slots(wide_opt, [v for _, v, o in groups if o is wide_opt])
-    ensure_slots(deep_opt, [v for _, v, o in groups if o is deep_opt])
+    _ensure_dense_slots(groups, wide_opt, deep_opt)
     for name, var, opt in groups:
         key = f"dense/{name}"
         if key not in arrays or tuple(arrays[key].shape) != tuple(var.shape):

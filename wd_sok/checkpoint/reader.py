@@ -140,8 +140,18 @@ def _read_whole(folder: Path, name: str, files: dict[str, dict], what: str) -> b
 
 def _read_shard(folder: Path, state: TableState, array: str, shard: dict[str, Any],
                 files: dict[str, dict]) -> None:
-    """Copy the rows of one shard file that this rank owns into ``state``'s ``array``."""
+    """Copy the rows of one shard file that this rank owns into ``state``'s ``array``; a file holding none of
+    them is not opened at all."""
     name, dim, count = shard["files"][array], state.table.dim, int(shard["count"])
+    start, stride, step = int(shard["start"]), int(shard["stride"]), block_rows(dim)
+
+    def owned(lo: int) -> tuple[int, np.ndarray, np.ndarray]:
+        hi = min(count, lo + step)
+        return (hi, *state.owned(start + np.arange(lo, hi, dtype=np.int64) * stride))
+
+    blocks = [lo for lo in range(0, count, step) if owned(lo)[1].any()]  # those holding rows this rank owns
+    if not blocks:
+        return
     where = f"{folder}: table '{state.key}' ({name})"
     want = files.get(name, {})
     path = folder / name
@@ -151,8 +161,7 @@ def _read_shard(folder: Path, state: TableState, array: str, shard: dict[str, An
         raise CorruptCheckpoint(f"{where}: {e.strerror}") from None
     if size != want.get("bytes"):
         raise CorruptCheckpoint(f"{where}: {size} bytes, the manifest says {want.get('bytes')} (truncated?)")
-    start, stride = int(shard["start"]), int(shard["stride"])
-    step, whole, crc = block_rows(dim), True, 0
+    whole = len(blocks) == -(-count // step)  # every block read: the checksum can be verified
     with open(path, "rb") as f:
         try:
             shape, dtype, offset = read_npy_header(f)
@@ -162,13 +171,8 @@ def _read_shard(folder: Path, state: TableState, array: str, shard: dict[str, An
             raise CorruptCheckpoint(f"{where}: holds {shape} {dtype}, the manifest says ({count}, {dim}) float32")
         f.seek(0)
         crc = zlib.crc32(f.read(offset))
-        for lo in range(0, count, step):
-            hi = min(count, lo + step)
-            rows = start + np.arange(lo, hi, dtype=np.int64) * stride
-            mask, var_rows = state.owned(rows)
-            if not mask.any():
-                whole = False
-                continue
+        for lo in blocks:
+            hi, mask, var_rows = owned(lo)
             f.seek(offset + lo * dim * 4)
             buf = f.read((hi - lo) * dim * 4)
             crc = zlib.crc32(buf, crc)
