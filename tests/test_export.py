@@ -221,7 +221,8 @@ def fake_trainer(channels: dict, combiner: str, seed: int = 0, nan_policy: str =
     raw = tiny_spec_dict()
     raw["channel_spec"].update(channels)
     spec = FeatureSpec.from_dict(raw, validate=False)
-    rt = SimpleNamespace(rank=0, size=1, is_chief=True)
+    rt = SimpleNamespace(rank=0, size=1, is_chief=True, max_int=lambda value, name: value,
+                         gather_to_chief=lambda tensor, name: tensor)  # a lone process's collectives
     model = build_model(spec, combiner, rt, hidden=[8, 4])
     rng = np.random.default_rng(seed)
     rows = 9

@@ -125,10 +125,13 @@ class Trainer:
     def global_step(self) -> int:
         return int(self.deep_opt.iterations.numpy())
 
-    def save(self) -> None:
-        """Collective: every rank writes its own rows of every table and slot; rank 0 the rest + manifest."""
+    def save(self) -> dict | None:
+        """Collective: every rank writes its own rows of every table and slot; rank 0 the rest + manifest.
+
+        Returns the writer's figures (:func:`wd_sok.checkpoint.save`), or None if this state is saved already.
+        """
         if self.saved_step == self.global_step:
-            return  # this exact state is on disk already
+            return None
         meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "seed": self.cfg.seed, "config": _jsonable(self.cfg), "backend": self.backend}
         dense = dense_state(self.model, self.wide_opt, self.deep_opt) if self.rt.is_chief else None
@@ -139,6 +142,7 @@ class Trainer:
         rate = out["bytes"] / max(out["seconds"], 1e-9) / 1e6
         self.log.info(f"saved {out['path']} ({out['total_bytes'] / 2**20:,.1f} MiB; rank 0 wrote "
                       f"{out['bytes'] / 2**20:,.1f} MiB at {rate:,.0f} MB/s)")
+        return out
 
     def agreed_stop(self, stop: _StopFlag) -> int:
         """Collective (one tiny allreduce): the signal number any rank received, else 0. Every rank calls it

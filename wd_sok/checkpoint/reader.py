@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from wd_sok.checkpoint.directio import RangeReader
 from wd_sok.checkpoint.format import (
     DENSE,
     MANIFEST,
@@ -167,14 +168,14 @@ def _read_shard(folder: Path, state: TableState, array: str, shard: dict[str, An
             shape, dtype, offset = read_npy_header(f)
         except ValueError as e:
             raise CorruptCheckpoint(f"{where}: not a readable .npy file ({e})") from None
-        if shape != (count, dim) or dtype != np.float32:
-            raise CorruptCheckpoint(f"{where}: holds {shape} {dtype}, the manifest says ({count}, {dim}) float32")
         f.seek(0)
         crc = zlib.crc32(f.read(offset))
+    if shape != (count, dim) or dtype != np.float32:
+        raise CorruptCheckpoint(f"{where}: holds {shape} {dtype}, the manifest says ({count}, {dim}) float32")
+    with RangeReader(path) as f:  # O_DIRECT where possible
         for lo in blocks:
             hi, mask, var_rows = owned(lo)
-            f.seek(offset + lo * dim * 4)
-            buf = f.read((hi - lo) * dim * 4)
+            buf = f.read(offset + lo * dim * 4, (hi - lo) * dim * 4)
             crc = zlib.crc32(buf, crc)
             block = np.frombuffer(buf, np.float32).reshape(hi - lo, dim)
             state.write(array, var_rows, block if mask.all() else block[mask])

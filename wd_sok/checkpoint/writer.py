@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from wd_sok.checkpoint.directio import SequentialWriter
 from wd_sok.checkpoint.format import (
     DENSE,
     FORMAT,
@@ -112,17 +113,14 @@ def _write_table(folder: Path, state: TableState, runtime: Runtime, files: dict[
         name = shard_file(state.key, array, runtime.rank, runtime.size)
         header = io.BytesIO()
         write_npy_header(header, (rows.count, dim), np.float32)
-        with open(folder / name, "wb") as f:
+        with SequentialWriter(folder / name) as f:  # O_DIRECT where possible; fsync on close
             f.write(header.getvalue())
             crc = zlib.crc32(header.getvalue())  # the header too: a damaged header is a damaged file
             for lo in range(0, rows.count, step):
                 block = np.ascontiguousarray(state.read(array, lo, min(rows.count, lo + step)), np.float32)
                 f.write(block.data)
                 crc = zlib.crc32(block.data, crc)
-            f.flush()
-            os.fsync(f.fileno())
-            size = f.tell()
-        files[name] = {"bytes": size, "crc32": crc}
+        files[name] = {"bytes": f.size, "crc32": crc}
         shard["files"][array] = name
     return shard
 
