@@ -18,4 +18,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code > 128:  # stopped by a signal, checkpoint durable and logs closed: leave now, without the seconds
+        sys.stdout.flush()  # of TensorFlow / Horovod / loader-thread teardown (horovodrun SIGKILLs the ranks
+        sys.stderr.flush()  # 5 s after forwarding a signal)
+        os._exit(code)
+    sys.exit(code)

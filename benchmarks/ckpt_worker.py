@@ -66,9 +66,14 @@ def main() -> int:
     out["embedding_bytes"] = trainer.model.wide_embedding.local_bytes() + trainer.model.deep_embedding.local_bytes()
 
     def train(k: int) -> None:
-        trainer.train_data.set_epoch(0)
-        for _, batch in zip(range(k), trainer.train_data, strict=False):
-            trainer.train_step(batch, tf.constant(trainer.global_step, tf.int64)).numpy()
+        """k steps; every rank the same number (steps_per_epoch is agreed: a step is a collective)."""
+        epoch = 0
+        while k > 0:
+            trainer.train_data.set_epoch(epoch)
+            n = min(k, trainer.steps_per_epoch)
+            for _, batch in zip(range(n), trainer.train_data, strict=False):
+                trainer.train_step(batch, tf.constant(trainer.global_step, tf.int64)).numpy()
+            k, epoch = k - n, epoch + 1
 
     if mode == "train":
         t0 = time.perf_counter()
