@@ -282,6 +282,10 @@ def test_direct_io_files_are_byte_exact(tmp_path: Path, monkeypatch: pytest.Monk
         for i in range(0, len(data), 5000):  # pieces that straddle chunk boundaries
             w.write(data[i:i + 5000])
     assert w.size == len(data) and (tmp_path / "f").read_bytes() == data
-    with directio.RangeReader(tmp_path / "f") as r:
-        for off, n in [(0, 10), (4095, 2), (128, 3 * directio.ALIGN), (len(data) - 7, 7), (5, len(data) - 5)]:
-            assert r.read(off, n) == data[off:off + n], (off, n)
+    spans = [(0, 10), (4095, 2), (128, 3 * directio.ALIGN), (len(data) - 7, 7), (5, len(data) - 5)]
+    with directio.RangeReader(tmp_path / "f", crc=7) as r:
+        for (off, n), got in zip(spans, r.ranges(spans), strict=True):
+            assert got.tobytes() == data[off:off + n], (off, n)
+    assert r.crc == zlib.crc32(b"".join(data[o:o + n] for o, n in spans), 7)
+    with directio.RangeReader(tmp_path / "f") as r:  # past the end: short
+        assert [len(b) for b in r.ranges([(len(data) - 3, 10)])] == [3]

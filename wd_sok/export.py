@@ -48,6 +48,7 @@ from wd_sok.data.batch import Batch
 from wd_sok.embedding.base import EmbeddingCollection
 from wd_sok.embedding.replicated import ReplicatedEmbedding
 from wd_sok.model import WideDeepModel
+from wd_sok.optim import read_rows
 
 SIGNATURE = "serving_default"
 OUTPUT = "probability"
@@ -128,8 +129,9 @@ def copy_tables(model: WideDeepModel, serving: WideDeepModel | None, runtime: An
             blocks = runtime.max_int(-(-rows.count // step), f"export_blocks_{prefix}_{name}")
             for b in range(blocks):
                 lo, hi = min(rows.count, b * step), min(rows.count, (b + 1) * step)
-                with tf.device("/CPU:0"):
-                    values = tf.identity(var[rows.var_slice(lo, hi)]) if hi > lo else tf.zeros([0, table.dim])
+                values = read_rows(var, rows.var_slice(lo, hi)) if hi > lo else tf.zeros([0, table.dim])
+                with tf.device("/CPU:0"):  # on the variable's device above, then to host memory
+                    values = tf.identity(values)
                     ids = tf.constant(rows.global_rows(lo, hi))
                 values = runtime.gather_to_chief(values, f"export_v_{prefix}_{name}_{b}")
                 ids = runtime.gather_to_chief(ids, f"export_i_{prefix}_{name}_{b}")

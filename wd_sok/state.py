@@ -17,7 +17,7 @@ import tensorflow as tf
 from wd_sok.embedding.base import EmbeddingCollection, RowMap, ensure_slots
 from wd_sok.feature_spec import TableConfig
 from wd_sok.model import WideDeepModel
-from wd_sok.optim import read_slot, read_slot_rows, slot_names, write_slot, write_slot_rows
+from wd_sok.optim import read_rows, read_slot, read_slot_rows, slot_names, write_slot, write_slot_rows
 
 Optimizer = tf.keras.optimizers.legacy.Optimizer
 
@@ -52,7 +52,7 @@ class TableState:
         """Saved rows lo..hi-1 of ``array``: [hi - lo, dim] float32 (a copy of those rows only)."""
         sl = self.rows.var_slice(lo, hi)
         if array == "value":
-            return self.var[sl].numpy()
+            return read_rows(self.var, sl).numpy()
         return read_slot_rows(self.optimizer, self.var, array, sl)
 
     def write(self, array: str, var_rows: np.ndarray, values: np.ndarray) -> None:

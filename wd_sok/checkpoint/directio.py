@@ -14,7 +14,12 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 ALIGN = 4096
 CHUNK = 8 << 20  # bytes staged per direct write
@@ -35,16 +40,32 @@ def _open(path: Path, flags: int) -> tuple[int, bool]:
 
 
 class SequentialWriter:
-    """Write one file front to back; ``close()`` makes it durable (fsync)."""
+    """Write one file front to back; ``close()`` makes it durable (fsync). :attr:`crc` is the running CRC32
+    of everything written; :meth:`write_behind` writes in a background thread while the caller prepares the
+    next piece (one piece in flight: the caller must not change a piece it handed over until the next call)."""
 
     def __init__(self, path: Path) -> None:
         self.fd, self.direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         self.stage = mmap.mmap(-1, CHUNK) if self.direct else None
         self.fill = 0
         self.size = 0
+        self.crc = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write_behind(self, data: bytes | memoryview | np.ndarray) -> None:
+        self._pool = self._pool or ThreadPoolExecutor(1)
+        self._wait()
+        self._pending = self._pool.submit(self.write, data)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def write(self, data: bytes | memoryview | np.ndarray) -> None:
         data = memoryview(data).cast("B")
+        self.crc = zlib.crc32(data, self.crc)
         self.size += len(data)
         if self.stage is None:
             while data:
@@ -67,6 +88,9 @@ class SequentialWriter:
 
     def close(self) -> None:
         try:
+            self._wait()
+            if self._pool is not None:
+                self._pool.shutdown()
             if self.stage is not None and self.fill:
                 aligned = self.fill // ALIGN * ALIGN
                 tail = bytes(self.stage[aligned:self.fill])
@@ -89,30 +113,48 @@ class SequentialWriter:
 
 
 class RangeReader:
-    """Read byte ranges of one file (each range a copy); O_DIRECT reads cover the aligned superset."""
+    """Read byte ranges of one file in order, the next one prefetched by a background thread meanwhile.
 
-    def __init__(self, path: Path) -> None:
+    :meth:`ranges` yields each range as a uint8 numpy view of a page-aligned staging buffer (valid until the
+    next one is taken: two buffers alternate) and keeps :attr:`crc`, the running CRC32 of every byte read, in
+    order, computed in the reading thread too. O_DIRECT reads cover the aligned superset of a range.
+    """
+
+    def __init__(self, path: Path, crc: int = 0) -> None:
         self.fd, self.direct = _open(path, os.O_RDONLY)
-        self.stage: mmap.mmap | None = None
+        self.crc = crc
+        self._buffers: list[np.ndarray] = []
 
-    def read(self, offset: int, length: int) -> bytes:
-        if not self.direct:
-            return os.pread(self.fd, length, offset)
-        start = offset // ALIGN * ALIGN
-        span = -(-(offset + length - start) // ALIGN) * ALIGN
-        if self.stage is None or len(self.stage) < span:
-            if self.stage is not None:
-                self.stage.close()
-            self.stage = mmap.mmap(-1, span)
-        with memoryview(self.stage) as view, view[:span] as target:
-            got = os.preadv(self.fd, [target], start)
+    def _buffer(self, i: int, span: int) -> np.ndarray:
+        while len(self._buffers) <= i:
+            self._buffers.append(np.empty(0, np.uint8))
+        if self._buffers[i].size < span + ALIGN:
+            self._buffers[i] = np.empty(span + ALIGN, np.uint8)
+        raw = self._buffers[i]
+        skip = -raw.ctypes.data % ALIGN
+        return raw[skip:skip + span]
+
+    def _read(self, i: int, offset: int, length: int) -> np.ndarray:
+        start = offset // ALIGN * ALIGN if self.direct else offset
+        span = -(-(offset + length - start) // ALIGN) * ALIGN if self.direct else length
+        buf = self._buffer(i, span)
+        got = os.preadv(self.fd, [buf], start)
         lo = offset - start
-        return bytes(self.stage[lo:min(lo + length, got)])
+        out = buf[lo:min(lo + length, got)]
+        self.crc = zlib.crc32(out, self.crc)
+        return out
+
+    def ranges(self, spans: list[tuple[int, int]]) -> Iterator[np.ndarray]:
+        """Yield the bytes of each (offset, length) of ``spans`` (short at the end of the file)."""
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(self._read, 0, *spans[0]) if spans else None
+            for k in range(len(spans)):
+                data = pending.result()
+                pending = pool.submit(self._read, (k + 1) % 2, *spans[k + 1]) if k + 1 < len(spans) else None
+                yield data
 
     def close(self) -> None:
         os.close(self.fd)
-        if self.stage is not None:
-            self.stage.close()
 
     def __enter__(self) -> RangeReader:
         return self

@@ -172,12 +172,13 @@ def _read_shard(folder: Path, state: TableState, array: str, shard: dict[str, An
         crc = zlib.crc32(f.read(offset))
     if shape != (count, dim) or dtype != np.float32:
         raise CorruptCheckpoint(f"{where}: holds {shape} {dtype}, the manifest says ({count}, {dim}) float32")
-    with RangeReader(path) as f:  # O_DIRECT where possible
-        for lo in blocks:
+    spans = [(offset + lo * dim * 4, (min(count, lo + step) - lo) * dim * 4) for lo in blocks]
+    with RangeReader(path, crc) as f:  # O_DIRECT where possible; the next block is read meanwhile
+        for lo, data in zip(blocks, f.ranges(spans), strict=True):
             hi, mask, var_rows = owned(lo)
-            buf = f.read(offset + lo * dim * 4, (hi - lo) * dim * 4)
-            crc = zlib.crc32(buf, crc)
-            block = np.frombuffer(buf, np.float32).reshape(hi - lo, dim)
+            if data.size != (hi - lo) * dim * 4:
+                raise CorruptCheckpoint(f"{where}: ends inside row {lo + data.size // (dim * 4)}")
+            block = data.view(np.float32).reshape(hi - lo, dim)
             state.write(array, var_rows, block if mask.all() else block[mask])
-    if whole and crc != want.get("crc32"):
+    if whole and f.crc != want.get("crc32"):
         raise CorruptCheckpoint(f"{where}: checksum does not match the manifest (damaged file)")
