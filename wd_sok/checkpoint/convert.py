@@ -32,6 +32,7 @@ from wd_sok.checkpoint.format import (
     list_legacy,
     read_npy_header,
     shard_file,
+    write_durable,
     write_npy_header,
 )
 
@@ -75,17 +76,14 @@ def convert(npz: Path) -> Path:
         raise CheckpointError(f"{npz}: unreadable checkpoint ({e})") from None
     buf = io.BytesIO()
     np.savez(buf, **dense)
-    _durable(tmp / DENSE, buf.getvalue(), files)
+    files[DENSE] = write_durable(tmp / DENSE, buf.getvalue())
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": 1,
                 "written_unix": time.time(), "converted_from": npz.name,
                 "epoch": meta["epoch"], "step_in_epoch": meta["step_in_epoch"],
                 "global_step": meta.get("global_step", step), "seed": meta.get("seed"),
                 "backend": meta.get("backend"), "config": meta.get("config", {}),
                 "tables": tables, "files": files}
-    data = json.dumps(manifest, indent=1).encode()
-    with open(tmp / MANIFEST, "wb") as f:
-        f.write(data)
-        os.fsync(f.fileno())
+    write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     fsync_dir(tmp)
     os.replace(tmp, final)
     fsync_dir(final.parent)
@@ -116,13 +114,6 @@ def _copy_member(z: zipfile.ZipFile, member: str, dest: Path, files: dict[str, d
             os.fsync(out.fileno())
             files[dest.name] = {"bytes": out.tell(), "crc32": crc}
     return shape
-
-
-def _durable(path: Path, data: bytes, files: dict[str, dict]) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        os.fsync(f.fileno())
-    files[path.name] = {"bytes": len(data), "crc32": zlib.crc32(data)}
 
 
 def main(argv: list[str] | None = None) -> int:

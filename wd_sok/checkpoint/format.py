@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,15 @@ def read_npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, int]:
     if fortran:
         raise ValueError("Fortran-ordered arrays are not written by wd-sok")
     return tuple(shape), dtype, f.tell()
+
+
+def write_durable(path: Path, data: bytes) -> dict[str, int]:
+    """Write a small file and fsync it; its manifest entry ``{bytes, crc32}``."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(data), "crc32": zlib.crc32(data)}
 
 
 def fsync_dir(path: Path) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from wd_sok.checkpoint.format import (
     fsync_dir,
     list_checkpoints,
     shard_file,
+    write_durable,
     write_npy_header,
 )
 from wd_sok.distributed import Runtime
@@ -131,9 +131,7 @@ def _commit(tmp: Path, final: Path, step: int, records: list[dict], dense: dict[
     if dense is not None:
         buf = io.BytesIO()
         np.savez(buf, **dense)
-        data = buf.getvalue()
-        _write_durable(tmp / DENSE, data)
-        files[DENSE] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+        files[DENSE] = write_durable(tmp / DENSE, buf.getvalue())
     tables: dict[str, Any] = {}
     for r in records:
         for key, shard in r["tables"].items():
@@ -145,16 +143,9 @@ def _commit(tmp: Path, final: Path, step: int, records: list[dict], dense: dict[
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world,
                 "written_unix": time.time(), **{k: v for k, v in meta.items() if k != "tables"},
                 "tables": tables, "files": files}
-    _write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     fsync_dir(tmp)
     if final.exists():  # an earlier run reached this step too: the newer save replaces it
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(final.parent)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
