@@ -69,6 +69,7 @@ def make_train_step(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimiz
             _apply(wide_opt, deep_opt, grads, wide_vars, deep_vars)
         return loss_sum
 
+    step.loss_scale = scale  # the dynamic scale variable (None without loss scaling), for inspection
     return step
 
 
