@@ -61,6 +61,9 @@ def run(cfg: Config) -> int:
         if runtime.is_chief:
             where = f" (rank {e.rank})" if runtime.size > 1 and e.rank else ""
             print(f"wd-sok: error{where}: {e}", file=sys.stderr, flush=True)
+        if runtime.size > 1:  # all ranks leave at once, before horovodrun starts terminating the slower ones
+            sys.stdout.flush()
+            os._exit(2)
         return 2
     except (SpecError, CheckpointError, ValueError, OSError) as e:
         print(f"wd-sok: error: {e}", file=sys.stderr, flush=True)

@@ -7,6 +7,8 @@ learns whether any rank failed and all stop together with the lowest failing ran
 
 from __future__ import annotations
 
+import signal
+
 from wd_sok.distributed import Runtime
 
 
@@ -19,10 +21,16 @@ class StartupError(Exception):
 
 
 def agree(runtime: Runtime, error: str | None) -> None:
-    """Collective: raise :class:`StartupError` on every rank if ``error`` is set on any rank."""
+    """Collective: raise :class:`StartupError` on every rank if ``error`` is set on any rank.
+
+    Under several ranks a failed start also ignores SIGTERM from then on: horovodrun terminates the other
+    ranks as soon as the first one exits, and each rank must get to exit 2 by itself (printing its line).
+    """
     errors = [error]
     if runtime.size > 1:
         errors = runtime.hvd.allgather_object(error, name="startup_errors")
     for rank, message in enumerate(errors):
         if message is not None:
+            if runtime.size > 1:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise StartupError(message, rank)
