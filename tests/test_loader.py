@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -102,3 +103,53 @@ def test_multihot_batches_without_any_id(tiny_dataset: Path, empty_rows: str) ->
     got = [tuple(r) for b in batches for r in b.categorical["m"].to_list()]
     assert got == [tuple(int(v) for v in r) for r in df["m"]]
     assert batches[-1].categorical["m"].flat_values.shape == (0,)
+
+
+def test_verdict_cache_skips_the_value_pass_until_a_file_changes(tiny_dataset: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The second loader reads footers only; a rewritten file (new size / mtime / footer) is checked again, and
+    other rules (another NaN policy) are another verdict."""
+    from wd_sok.data import loader as loader_module
+
+    calls: list[str] = []
+    real = loader_module.check_file
+
+    def counting(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "check_file", counting)
+    spec = FeatureSpec.from_yaml(tiny_dataset / "feature_spec.yaml")
+    DataLoader(spec, "train", 16)
+    assert sorted(calls) == [f"part_{i}.parquet" for i in range(4)]
+    assert len(list((tiny_dataset / ".wd_sok_cache/verdicts").glob("*.json"))) == 4
+    calls.clear()
+    DataLoader(spec, "train", 16, rank=1, world=2)  # rank 1 of 2 would check parts 1 and 3: both cached
+    DataLoader(spec, "train", 16)
+    assert calls == []
+    df = pd.read_parquet(tiny_dataset / "train/part_2.parquet")
+    df.loc[3, "a"] = 6
+    df.to_parquet(tiny_dataset / "train/part_2.parquet")
+    DataLoader(spec, "train", 16)
+    assert calls == ["part_2.parquet"]
+    calls.clear()
+    DataLoader(spec, "train", 16, nan_policy="zero")
+    assert len(calls) == 4
+    calls.clear()
+    DataLoader(spec, "train", 16, commit_checks=False, nan_policy="zero", seed=1)  # cached above
+    assert calls == []
+
+
+def test_verdict_cache_falls_back_to_the_user_cache(tiny_dataset: Path, tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from wd_sok.data.cache import cache_root
+
+    monkeypatch.delenv("WD_SOK_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root(tiny_dataset) == tiny_dataset / ".wd_sok_cache/verdicts"
+    blocked = tmp_path / "blocked"  # a dataset folder where .wd_sok_cache cannot be a folder (as if read-only)
+    blocked.mkdir()
+    (blocked / ".wd_sok_cache").write_text("")
+    assert cache_root(blocked) == tmp_path / "xdg/wd-sok/verdicts"
+    if not os.access("/proc", os.W_OK):  # a read-only folder too (root can write anywhere: not checkable)
+        assert cache_root(Path("/proc")) == tmp_path / "xdg/wd-sok/verdicts"
+    monkeypatch.setenv("WD_SOK_CACHE_DIR", "off")
+    assert cache_root(tiny_dataset) is None

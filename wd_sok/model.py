@@ -9,10 +9,16 @@ order (one-hot features, then multi-hot features, then the raw numerics), of
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from wd_sok.data.batch import Batch
 from wd_sok.embedding.base import EmbeddingCollection
+
+
+def dropout_key(seed: int, rank: int, layer: int) -> int:
+    """The first half of layer ``layer``'s stateless dropout seed on ``rank`` (the step is the second)."""
+    return int(np.random.SeedSequence([seed, rank, layer]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 class WideDeepModel(tf.keras.Model):
@@ -26,14 +32,15 @@ class WideDeepModel(tf.keras.Model):
         hidden_units: widths of the deep ReLU layers.
         dropout: dropout rate after each hidden layer.
         compute_dtype: "float32", or "bfloat16"/"float16" for mixed precision in the MLP.
-        seed: dropout masks are a stateless function of (seed, layer, step): a resumed run repeats them
-            (give each rank its own seed).
+        seed: initialiser seed; dropout masks are a stateless function of (seed, rank, layer, step): a
+            resumed run repeats them, and each rank draws its own.
+        rank: this process's rank (its rows get masks independent of the other ranks').
         xla: compile the MLP (forward and backward) with XLA.
     """
 
     def __init__(self, categorical: list[str], n_numerical: int, wide_embedding: EmbeddingCollection,
                  deep_embedding: EmbeddingCollection, hidden_units: list[int], dropout: float,
-                 compute_dtype: str = "float32", seed: int = 0, xla: bool = False) -> None:
+                 compute_dtype: str = "float32", seed: int = 0, rank: int = 0, xla: bool = False) -> None:
         super().__init__(name="wide_deep")
         self.categorical, self.n_numerical = list(categorical), n_numerical
         self.wide_embedding, self.deep_embedding = wide_embedding, deep_embedding
@@ -45,7 +52,8 @@ class WideDeepModel(tf.keras.Model):
         self.hidden = [tf.keras.layers.Dense(u, activation="relu", name=f"deep/dense_{i}", dtype=policy,
                                              kernel_initializer=tf.keras.initializers.GlorotUniform(seed + i))
                        for i, u in enumerate(hidden_units)]
-        self.dropout, self.seed = dropout, seed
+        self.dropout, self.seed, self.rank = dropout, seed, rank
+        self.dropout_keys = [dropout_key(seed, rank, i) for i in range(len(hidden_units))]
         self.head = tf.keras.layers.Dense(1, name="deep/head", dtype=policy,
                                           kernel_initializer=tf.keras.initializers.GlorotUniform(seed + 99))
 
@@ -81,9 +89,9 @@ class WideDeepModel(tf.keras.Model):
     def _mlp_impl(self, x: tf.Tensor, step: tf.Tensor, rate: float) -> tf.Tensor:
         for i, dense in enumerate(self.hidden):
             x = dense(x)
-            if rate > 0.0:  # stateless dropout: mask = f(seed, layer, step)
+            if rate > 0.0:  # stateless dropout: mask = f(seed, rank, layer, step)
                 keep = tf.random.stateless_uniform(tf.shape(x), seed=tf.stack(
-                    [tf.constant(self.seed * 1000 + i, tf.int64), step])) >= rate
+                    [tf.constant(self.dropout_keys[i], tf.int64), step])) >= rate
                 x = tf.where(keep, x / tf.cast(1.0 - rate, x.dtype), tf.zeros_like(x))
         return tf.cast(self.head(x)[:, 0], tf.float32)
 

@@ -17,19 +17,25 @@ def run(cfg: Config) -> int:
     from wd_sok.checkpoint import CheckpointError
     from wd_sok.distributed import Runtime
     from wd_sok.reporting import Reporter
+    from wd_sok.startup import StartupError
     from wd_sok.train import Interrupted, Trainer
 
     runtime = Runtime()
     _setup_devices(tf, cfg, runtime.local_rank)
     reporter = None
     try:
-        if runtime.is_chief:
-            for flag in ("model_dir", "results_dir"):
-                _check_writable(flag, getattr(cfg, flag))
-            if cfg.export_dir:
-                _check_writable("export_dir", str(Path(cfg.export_dir).parent))
-        trainer = Trainer(cfg, runtime)
-        if cfg.use_checkpoint:
+        # start-up: local checks on every rank (no collectives), then one agreement inside Trainer
+        error = None
+        try:
+            if runtime.is_chief:
+                for flag in ("model_dir", "results_dir"):
+                    _check_writable(flag, getattr(cfg, flag))
+                if cfg.export_dir:
+                    _check_writable("export_dir", str(Path(cfg.export_dir).parent))
+        except ValueError as e:
+            error = str(e)
+        trainer = Trainer(cfg, runtime, error=error)
+        if cfg.use_checkpoint:  # collective; its verdict (usable, fall back, error) is agreed by every rank
             trainer.restore()
         # the log starts once the run is known to be able to start: a rejected run leaves no output behind
         reporter = Reporter(cfg.results_dir, cfg.log_filename, enabled=runtime.is_chief, append=cfg.use_checkpoint)
@@ -51,7 +57,16 @@ def run(cfg: Config) -> int:
 
             export_saved_model(trainer, cfg.export_dir)
             reporter.info(f"exported SavedModel to {cfg.export_dir}")
-    except (SpecError, CheckpointError, ValueError, OSError) as e:
+    except (StartupError, CheckpointError) as e:  # agreed by every rank: exit 2, the message printed once
+        if runtime.is_chief:
+            rank = getattr(e, "rank", 0)
+            where = f" (rank {rank})" if runtime.size > 1 and rank else ""
+            print(f"wd-sok: error{where}: {e}", file=sys.stderr, flush=True)
+        if runtime.size > 1:  # all ranks leave at once, before horovodrun starts terminating the slower ones
+            sys.stdout.flush()
+            os._exit(2)
+        return 2
+    except (SpecError, ValueError, OSError) as e:
         print(f"wd-sok: error: {e}", file=sys.stderr, flush=True)
         return 2
     except Interrupted as e:

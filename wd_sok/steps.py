@@ -23,7 +23,8 @@ def make_train_step(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimiz
     """Return ``step(batch, global_step) -> local BCE sum`` (a scalar float32 tensor).
 
     With ``loss_scaling`` (float16 compute) the loss is scaled dynamically: the scale halves and the update is
-    skipped when a gradient is not finite, and doubles after 2000 finite steps.
+    skipped when a gradient is not finite on any rank (one int32 min-allreduce per step: ranks agree), and
+    doubles after 2000 finite steps.
     """
     scale = tf.Variable(2.0**15, trainable=False, dtype=tf.float32) if loss_scaling else None
     good_steps = tf.Variable(0, trainable=False, dtype=tf.int64) if loss_scaling else None
@@ -46,6 +47,9 @@ def make_train_step(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimiz
         if scale is not None:
             grads = [None if g is None else _unscale(g, scale) for g in grads]
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(_values(g))) for g in grads if g is not None])
+            if runtime.size > 1:  # sharded-table gradients are local: apply or skip on every rank alike
+                finite = runtime.hvd.allreduce(tf.cast(finite, tf.int32), op=runtime.hvd.Min,
+                                               name="all_grads_finite") > 0
 
             def apply() -> tf.Tensor:
                 _apply(wide_opt, deep_opt, grads, wide_vars, deep_vars)
@@ -65,6 +69,7 @@ def make_train_step(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimiz
             _apply(wide_opt, deep_opt, grads, wide_vars, deep_vars)
         return loss_sum
 
+    step.loss_scale = scale  # the dynamic scale variable (None without loss scaling), for inspection
     return step
 
 

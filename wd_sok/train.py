@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from wd_sok import checkpoint
+from wd_sok import checkpoint, startup
 from wd_sok.config import Config
 from wd_sok.data.batch import Batch
 from wd_sok.data.loader import DataLoader
 from wd_sok.distributed import Runtime
 from wd_sok.embedding import make_embedding, resolve_backend
-from wd_sok.feature_spec import TEST, TRAIN, FeatureSpec
+from wd_sok.feature_spec import TEST, TRAIN, FeatureSpec, SpecError
 from wd_sok.metrics import StreamingAuc, StreamingBce, StreamingMap, auc_from_counts
 from wd_sok.model import WideDeepModel
 from wd_sok.optim import LazyRMSprop
@@ -41,44 +41,35 @@ class Interrupted(Exception):
 class Trainer:
     """Everything one run needs, built from the config and the feature spec."""
 
-    def __init__(self, cfg: Config, runtime: Runtime) -> None:
+    def __init__(self, cfg: Config, runtime: Runtime, error: str | None = None) -> None:
+        """Local checks (spec, batch sizes, files; no collectives), then every rank agrees to start or all
+        raise :class:`~wd_sok.startup.StartupError` (``error``: a failure the caller found first)."""
         self.cfg, self.rt = cfg, runtime
         self.log = Reporter(cfg.results_dir, cfg.log_filename, enabled=False)  # silent until attach()
-        self.spec = FeatureSpec.from_yaml(Path(cfg.dataset_path) / cfg.fspec_file)
-        self.spec.validate(world_size=runtime.size)
-        gpu = bool(tf.config.list_physical_devices("GPU")) and not cfg.cpu
-        self.backend = resolve_backend(cfg.embedding_backend, runtime.size, gpu)
-        if cfg.global_batch_size % runtime.size or cfg.eval_batch_size % runtime.size:
-            raise ValueError(f"--global_batch_size {cfg.global_batch_size} and --eval_batch_size "
-                             f"{cfg.eval_batch_size} must divide evenly over {runtime.size} ranks")
-        self.local_batch = cfg.global_batch_size // runtime.size
-        with_map = cfg.map_calculation_enabled
-        self.train_data = DataLoader(self.spec, TRAIN, self.local_batch, runtime.rank, runtime.size,
-                                     shuffle=True, seed=cfg.seed, drop_last=True, nan_policy=cfg.nan_policy)
-        self.eval_data = DataLoader(self.spec, TEST, cfg.eval_batch_size // runtime.size, runtime.rank,
-                                    runtime.size, with_map=with_map, nan_policy=cfg.nan_policy)
-        self.steps_per_epoch = runtime.min_int(len(self.train_data), "steps_per_epoch")
-        if self.steps_per_epoch == 0 and not cfg.evaluate:
-            rows = runtime.sum_host(np.array([self.train_data.rows]), "train_rows")[0]
-            raise ValueError(f"--global_batch_size {cfg.global_batch_size} is larger than the training set "
-                             f"({int(rows)} rows over {runtime.size} rank(s)); lower it")
-        dims = self.spec.embedding_dims(cfg.embedding_sizes_file or None)
+        try:
+            if error is None:
+                self._local_setup(cfg, runtime)
+        except (SpecError, ValueError, OSError) as e:
+            error = str(e)
+        startup.agree(runtime, error)
+        for loader in (self.train_data, self.eval_data):  # every rank starts: remember the passed files
+            loader.commit_checks()
         cat = self.spec.categorical
         wide_tables = self.spec.tables(dict.fromkeys(cat, 1), combiner="sum")
-        deep_tables = self.spec.tables(dims, combiner=cfg.combiner)
-        compute = "float32" if not cfg.amp else ("float16" if gpu else "bfloat16")
+        deep_tables = self.spec.tables(self.dims, combiner=cfg.combiner)
         self.model = WideDeepModel(
             cat, len(self.spec.numerical),
             make_embedding(self.backend, wide_tables, "zeros", cfg.seed, "wide", runtime),
             make_embedding(self.backend, deep_tables, "glorot_normal", cfg.seed, "deep", runtime),
-            cfg.deep_hidden_units, cfg.deep_dropout, compute_dtype=compute, seed=cfg.seed, xla=cfg.xla)
+            cfg.deep_hidden_units, cfg.deep_dropout, compute_dtype=self.compute, seed=cfg.seed, rank=runtime.rank,
+            xla=cfg.xla)
         self.wide_opt = tf.keras.optimizers.legacy.Ftrl(cfg.linear_learning_rate)
         rmsprop = LazyRMSprop if cfg.rmsprop_update == "lazy" else tf.keras.optimizers.legacy.RMSprop
         self.deep_opt = rmsprop(
             DeepLrSchedule(steps_per_epoch=max(self.steps_per_epoch, 1), base_lr=cfg.deep_learning_rate,
                            warmup_epochs=cfg.deep_warmup_epochs, num_epochs=cfg.num_epochs), rho=0.5)
         self.train_step = make_train_step(self.model, self.wide_opt, self.deep_opt, runtime,
-                                          cfg.global_batch_size, loss_scaling=compute == "float16")
+                                          cfg.global_batch_size, loss_scaling=self.compute == "float16")
         self.eval_step = make_eval_step(self.model)
         self.epoch, self.step_in_epoch = 0, 0
         self.saved_step, self.restored = -1, ""
@@ -87,6 +78,37 @@ class Trainer:
         self._build()
 
     # ------------------------------------------------------------------ setup
+    def _local_setup(self, cfg: Config, runtime: Runtime) -> None:
+        """Everything start-up checks on this rank alone: raises SpecError / ValueError naming the problem."""
+        self.spec = FeatureSpec.from_yaml(Path(cfg.dataset_path) / cfg.fspec_file)
+        self.spec.validate()  # any number of files works for any number of ranks (row-range sharding)
+        gpu = bool(tf.config.list_physical_devices("GPU")) and not cfg.cpu
+        self.backend = resolve_backend(cfg.embedding_backend, runtime.size, gpu)
+        self.compute = "float32" if not cfg.amp else ("float16" if gpu else "bfloat16")
+        if cfg.global_batch_size % runtime.size or cfg.eval_batch_size % runtime.size:
+            raise ValueError(f"--global_batch_size {cfg.global_batch_size} and --eval_batch_size "
+                             f"{cfg.eval_batch_size} must divide evenly over {runtime.size} ranks")
+        self.local_batch = cfg.global_batch_size // runtime.size
+        with_map = cfg.map_calculation_enabled
+        self.train_data = DataLoader(self.spec, TRAIN, self.local_batch, runtime.rank, runtime.size,
+                                     shuffle=True, seed=cfg.seed, drop_last=True, nan_policy=cfg.nan_policy,
+                                     commit_checks=False)
+        self.eval_data = DataLoader(self.spec, TEST, cfg.eval_batch_size // runtime.size, runtime.rank,
+                                    runtime.size, with_map=with_map, nan_policy=cfg.nan_policy,
+                                    commit_checks=False)
+        # every rank reads T // N or T // N + 1 rows: the smallest share sets the steps (no collective)
+        cuts = self.train_data.cuts
+        self.steps_per_epoch = min(b - a for a, b in zip(cuts, cuts[1:], strict=False)) // self.local_batch
+        if self.steps_per_epoch == 0 and not cfg.evaluate:
+            raise ValueError(f"--global_batch_size {cfg.global_batch_size} is larger than the training set "
+                             f"({self.train_data.total_rows} rows over {runtime.size} rank(s)); lower it")
+        self.dims = self.spec.embedding_dims(cfg.embedding_sizes_file or None)
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Training rows used per epoch (all ranks): the rest, under one global batch, is dropped."""
+        return self.steps_per_epoch * self.local_batch * self.rt.size
+
     def _build(self) -> None:
         """Create every variable (one forward pass on a slice of data) and agree on dense weights."""
         first = self.eval_data.first()
@@ -96,10 +118,13 @@ class Trainer:
     def attach(self, reporter: Reporter) -> None:
         """Start reporting: the resolved configuration and run facts go to the log first."""
         self.log = reporter
+        total = self.train_data.total_rows
         self.log.params({"backend": self.backend, "ranks": self.rt.size, "steps_per_epoch": self.steps_per_epoch,
+                         "train_rows": total, "train_rows_per_epoch": self.rows_per_epoch,
                          "parameters": self.parameter_count(), **_jsonable(self.cfg)})
         self.log.info(f"{self.parameter_count():,} parameters, backend {self.backend}, {self.rt.size} rank(s), "
-                      f"{self.steps_per_epoch} steps/epoch of {self.local_batch * self.rt.size} samples")
+                      f"{self.steps_per_epoch} steps/epoch of {self.local_batch * self.rt.size} samples: "
+                      f"{self.rows_per_epoch:,} of {total:,} training rows per epoch")
         if self.restored:
             self.log.info(self.restored)
 

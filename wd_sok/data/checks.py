@@ -2,10 +2,11 @@
 
 Checks, per file and column (pyarrow compute; no Python loop over rows):
   - categorical ids in [0, cardinality)  (one-hot, and every id inside multi-hot lists);
-  - multi-hot lists no longer than max_hotness;
+  - multi-hot lists no longer than max_hotness, and no null inside a list;
   - numerical values finite (NaN, null or inf rejected, unless the run fills them with 0: ``--nan_policy zero``);
   - labels in {0, 1};
-  - nulls in any other column.
+  - nulls in any other column;
+  - map (display) ids non-decreasing (test mapping with MAP@12: rows of a group are contiguous).
 Each failure is a :class:`~wd_sok.feature_spec.SpecError` "<file>: feature '<name>': <what> (row <i>: <value>)".
 """
 
@@ -29,6 +30,15 @@ def _first(mask: pa.Array | np.ndarray) -> int:
     return int(np.flatnonzero(arr)[0])
 
 
+def rules(spec: FeatureSpec, columns: list[str], nan_policy: str) -> dict:
+    """What :func:`check_file` checks, as JSON (the verdict cache's key: other rules, other verdicts)."""
+    return {"columns": {n: {k: spec.feature_spec[n].get(k) for k in ("dtype", "cardinality", "max_hotness")}
+                        for n in columns},
+            "categorical": [n for n in columns if n in spec.categorical], "label": spec.label,
+            "numerical": [n for n in columns if n in spec.numerical], "map": spec.map_feature in columns,
+            "multihot": [n for n in columns if n in spec.multihot], "nan_policy": nan_policy}
+
+
 def check_file(path: Path, spec: FeatureSpec, columns: list[str], nan_policy: str = "reject") -> None:
     """Raise SpecError at the first bad value in ``path`` (see the module docstring)."""
     table = pq.read_table(path, columns=columns)
@@ -49,8 +59,12 @@ def check_file(path: Path, spec: FeatureSpec, columns: list[str], nan_policy: st
                 if lengths.size and lengths.max() > hot:
                     row = _first(lengths > hot)
                     raise fail(f"list longer than max_hotness {hot}", row, col[row].as_py())
-                values = pc.list_flatten(col).to_numpy(zero_copy_only=False)
+                flat = pc.list_flatten(col)
                 owner = np.repeat(np.arange(len(col)), lengths)
+                if flat.null_count:  # a null id would become NaN, and NaN passes every comparison
+                    row = int(owner[_first(flat.is_null())])
+                    raise fail("missing id inside a list", row, col[row].as_py())
+                values = flat.to_numpy(zero_copy_only=False)
             else:
                 values = col.to_numpy(zero_copy_only=False)
                 owner = np.arange(len(col))
@@ -58,6 +72,12 @@ def check_file(path: Path, spec: FeatureSpec, columns: list[str], nan_policy: st
             if bad.any():
                 i = _first(bad)
                 raise fail(f"id outside [0, {card})", int(owner[i]), int(values[i]))
+        elif name == spec.map_feature:
+            values = col.to_numpy(zero_copy_only=False)
+            down = np.flatnonzero(values[1:] < values[:-1])
+            if down.size:
+                i = int(down[0]) + 1
+                raise fail(f"test rows not sorted by map id (after {int(values[i - 1])})", i, int(values[i]))
         elif name in spec.numerical and nan_policy == "reject":
             values = col.to_numpy(zero_copy_only=False)
             bad = ~np.isfinite(values)
