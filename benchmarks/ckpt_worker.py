@@ -91,12 +91,13 @@ def main() -> int:
         out["restore_s"], out["restore_peak"] = time.perf_counter() - t0, peak()
         out["restore_bytes"] = sum(s.rows.count * s.table.dim * 4 * len(s.arrays())
                                    for s in table_states(trainer.model, trainer.wide_opt, trainer.deep_opt))
-        reset_peak()
-        t0 = time.perf_counter()
-        from wd_sok.export import export_saved_model
+        if cfg.export_dir:
+            reset_peak()
+            t0 = time.perf_counter()
+            from wd_sok.export import export_saved_model
 
-        export_saved_model(trainer, cfg.export_dir)
-        out["export_s"], out["export_peak"] = time.perf_counter() - t0, peak()
+            export_saved_model(trainer, cfg.export_dir)
+            out["export_s"], out["export_peak"] = time.perf_counter() - t0, peak()
         reset_peak()
         t0 = time.perf_counter()
         train(steps)
