@@ -82,7 +82,7 @@ def apply(prep_dir: str | Path, inputs: str, output: str | Path, device: str = "
         if opts.map:
             stager.fill[opts.map] = (0, pa.int64())
         stager.stage_files(files, "train")
-        rows = stager.stats.rows["train"]
+        rows = stager.finish().rows["train"]
         if not rows:
             raise PrepError(f"--input {inputs}: no rows")
         has_label = _presence(stager, opts.label)

@@ -103,7 +103,7 @@ def prep(opts: PrepOptions, train: str, test: str | None, output: str | Path, de
         stager = Stager(opts, tmp / ".stage")
         stager.stage_files(train_files, "train")
         stager.stage_files(test_files, "test")
-        stats = stager.stats
+        stats = stager.finish()
         where = str(train_files[0]) if len(train_files) == 1 else f"--train {train}"
         if not stats.rows["train"]:
             raise PrepError(f"{where}: no training rows" + (" left after the split" if opts.test_fraction else ""))

@@ -2,7 +2,7 @@
 
 Inputs: CSV / TSV (a header row, or ``--no_header --names``) or parquet, one file or a glob, read in blocks
 (``pyarrow.csv.open_csv``, ``ParquetFile.iter_batches``) so files larger than memory stream through.
-Staged columns (``stage/{train,test}/s_<k>.parquet``, one file per block, every type explicit so that no block
+Staged columns (``stage/{train,test}/s_<k>.parquet`` of about 2^18 rows, every type explicit so that no block
 is ever typed ``null``):
 
 =================  ============================================================================
@@ -41,6 +41,7 @@ from wd_sok.prep.options import PrepOptions
 logger = logging.getLogger("wd_sok.prep")
 CSV_BLOCK_BYTES = 1 << 24
 PARQUET_BATCH_ROWS = 1 << 18
+STAGE_ROWS = 1 << 18  # rows per staged file: a partition of the workflow's fit and transform
 PARQUET_SUFFIXES = (".parquet", ".pq")
 _SEED_MIX = np.uint64(0x9E3779B97F4A7C15)
 
@@ -226,6 +227,7 @@ class Stager:
         # columns allowed to be absent (--apply: label, map) -> (fill value, arrow type); which files had them
         self.fill: dict[str, tuple[object, pa.DataType]] = {}
         self.had: dict[str, list[tuple[Path, bool]]] = {}
+        self.pending: dict[str, list[pa.Table]] = {"train": [], "test": []}
         for split in ("train", "test"):
             (folder / split).mkdir(parents=True, exist_ok=True)
 
@@ -255,11 +257,24 @@ class Stager:
         if not table.num_rows:
             return
         self._track(table, split)
-        keep = [n for n in table.column_names if n != self.opts.split_only]
-        path = self.folder / split / f"s_{len(self.stats.files[split]):05d}.parquet"
-        pq.write_table(table.select(keep), path)
-        self.stats.files[split].append(path)
+        self.pending[split].append(table.select([n for n in table.column_names if n != self.opts.split_only]))
         self.stats.rows[split] += table.num_rows
+        if sum(t.num_rows for t in self.pending[split]) >= STAGE_ROWS:
+            self._flush(split)
+
+    def _flush(self, split: str) -> None:
+        """Write the pending blocks of ``split`` as one staged file (one workflow partition)."""
+        if self.pending[split]:
+            path = self.folder / split / f"s_{len(self.stats.files[split]):05d}.parquet"
+            pq.write_table(pa.concat_tables(self.pending[split]), path)
+            self.stats.files[split].append(path)
+            self.pending[split] = []
+
+    def finish(self) -> StageStats:
+        """Write what is still pending; return the statistics."""
+        for split in self.pending:
+            self._flush(split)
+        return self.stats
 
     def add(self, table: pa.Table, role: str) -> None:
         """Stage a converted block from a train input (``role="train"``, split when ``test_fraction``) or a
