@@ -291,6 +291,7 @@ BAD_INPUTS = {
                      ["column 'C2' is listed twice (--categorical and --numerical)"]),
     "unknown_in_names": ({}, ["--numerical", "I1,I99"], ["column 'I99' (--numerical) is not among --names"]),
     "unknown_in_header": ({}, ["--no_header_off"], ["test.csv: column 'C99': not found in the file"]),
+    "bad_field_count": ({(3, "C26"): "ab\tcd"}, [], ["train.tsv: malformed TSV", "Expected 40 columns, got 41"]),
 }
 
 
@@ -340,3 +341,43 @@ def test_module_entry_point(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "wd_sok.prep", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "--apply DIR" in proc.stdout and "--test_fraction" in proc.stdout
+
+
+def test_parquet_glob_input_equals_tsv_input(tmp_path: Path) -> None:
+    """The same rows as one TSV or as a glob of two parquet files (typed numbers, nulls) give the same dataset."""
+    _tiny_criteo(tmp_path / "all.tsv", rows=300)
+    raw = raw_criteo(tmp_path / "all.tsv")
+    typed = raw.copy()
+    for name in D.CRITEO_INTS:
+        typed[name] = pd.to_numeric(typed[name].replace("", np.nan))
+    typed["label"] = typed["label"].astype(np.int64)
+    typed["C5"] = typed["C5"].replace("", None)  # a null cell reads as the empty value
+    for i, rows in enumerate((slice(0, 120), slice(120, 300))):
+        pq.write_table(pa.Table.from_pandas(typed.iloc[rows], preserve_index=False), tmp_path / f"p{i}.parquet")
+    common = ["--test_fraction", "0.3", "--label", "label", "--numerical", ",".join(D.CRITEO_INTS),
+              "--categorical", ",".join(D.CRITEO_CATS), "--quiet"]
+    rc, _, err = run_prep("--train", str(tmp_path / "all.tsv"), "--no_header", "--names", NAMES, *common,
+                          "--output", str(tmp_path / "from_tsv"))
+    assert rc == 0, err
+    rc, _, err = run_prep("--train", str(tmp_path / "p*.parquet"), *common, "--output", str(tmp_path / "from_pq"))
+    assert rc == 0, err
+    a = FeatureSpec.from_yaml(tmp_path / "from_tsv" / "feature_spec.yaml")
+    b = FeatureSpec.from_yaml(tmp_path / "from_pq" / "feature_spec.yaml")
+    assert a.feature_spec == b.feature_spec
+    for mapping in ("train", "test"):
+        pd.testing.assert_frame_equal(read(a, mapping), read(b, mapping))
+    assert len(read(a, "test")) == (uniform_hash(np.arange(300), 0) < 0.3).sum()  # row-number split
+    typed.loc[7, "label"] = 3
+    pq.write_table(pa.Table.from_pandas(typed, preserve_index=False), tmp_path / "bad.parquet")
+    rc, _, err = run_prep("--train", str(tmp_path / "bad.parquet"), *common, "--output", str(tmp_path / "bad"))
+    assert rc == 2 and "bad.parquet: column 'label': row 7: label 3 is not 0 or 1" in err
+
+
+def test_existing_output_is_left_alone(tmp_path: Path) -> None:
+    _tiny_criteo(tmp_path / "t.tsv", rows=40)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    rc, _, err = run_prep("--train", str(tmp_path / "t.tsv"), "--test_fraction", "0.5", "--no_header", "--names",
+                          NAMES, "--label", "label", "--categorical", "C1", "--output", str(tmp_path / "out"))
+    assert rc == 2 and "output exists" in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]

@@ -124,12 +124,24 @@ def summary(result: object) -> str:
     return "\n".join(lines)
 
 
+def _log_to_stderr(quiet: bool) -> None:
+    """Progress lines of the ``wd_sok.prep`` logger go to the current stderr (INFO, or WARNING if quiet)."""
+    log = logging.getLogger("wd_sok.prep")
+    for handler in [h for h in log.handlers if getattr(h, "wd_sok_prep", False)]:
+        log.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.wd_sok_prep = True
+    handler.setFormatter(logging.Formatter("%(asctime)s wd-sok-prep: %(message)s", datefmt="%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 after printing the summary, or print one error line and exit 2 (nothing written)."""
     args = parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # merlin imports TensorFlow for its dtype tables
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s wd-sok-prep: %(message)s", datefmt="%H:%M:%S")
+    _log_to_stderr(args.quiet)
     from wd_sok.prep.pipeline import quiet_merlin
 
     quiet_merlin()

@@ -20,12 +20,15 @@ negative training values (e.g. Criteo's I2) are only filled and normalised.
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from dask.callbacks import Callback
 
 from wd_sok.prep.options import PrepOptions
 from wd_sok.prep.stage import StageStats
@@ -35,6 +38,7 @@ with warnings.catch_warnings():  # merlin warns that its torch/triton dtype mapp
     from merlin.core.dispatch import encode_list_column, flatten_list_column_values, is_list_dtype
     from nvtabular.ops.operator import ColumnSelector, Operator
 
+logger = logging.getLogger("wd_sok.prep")
 CATEGORIFY_RESERVED = 2  # Categorify's padding (0) and null (1) slots; its OOV id 2 becomes our 0
 
 
@@ -71,6 +75,20 @@ class HashIds(Operator):
             ids = pd.util.hash_array(host.to_numpy(dtype=object), categorize=True) % np.uint64(self.buckets[name])
             df[name] = type(col)(ids.astype(np.int64), index=col.index, name=name)
         return df
+
+
+class FitProgress(Callback):
+    """Log the share of finished dask tasks of each fit pass, in steps of 20%."""
+
+    def _start_state(self, dsk: Any, state: Any) -> None:
+        self.total, self.done, self.next, self.start = max(len(dsk), 1), 0, 0.2, time.perf_counter()
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        self.done += 1
+        if self.done / self.total >= self.next:
+            logger.info("fit: %d%% of %d tasks (%.1f s)", 100 * self.done // self.total, self.total,
+                        time.perf_counter() - self.start)
+            self.next += 0.2
 
 
 def log_columns(opts: PrepOptions, stats: StageStats) -> list[str]:
@@ -130,5 +148,6 @@ def fit(opts: PrepOptions, stats: StageStats, workflow_dir: Path, cpu: bool) -> 
 
     workflow, categorify = build_workflow(opts, stats, workflow_dir)
     train = nvt.Dataset([str(p) for p in stats.files["train"]], engine="parquet", cpu=cpu, part_size="1GB")
-    workflow.fit(train)
+    with FitProgress():
+        workflow.fit(train)
     return workflow, cardinalities(opts, categorify)
