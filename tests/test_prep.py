@@ -381,3 +381,22 @@ def test_existing_output_is_left_alone(tmp_path: Path) -> None:
                           NAMES, "--label", "label", "--categorical", "C1", "--output", str(tmp_path / "out"))
     assert rc == 2 and "output exists" in err
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_readme_commands_use_real_flags() -> None:
+    """The 'Bring your own data' commands parse with wd-sok-prep's and main.py's own parsers."""
+    from wd_sok.config import parse_config
+    from wd_sok.prep.cli import parser
+
+    text = (ROOT / "README.md").read_text().split("## Bring your own data", 1)[1].split("\n## ", 1)[0]
+    block = text.split("```bash", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    block = block.replace("$NAMES", NAMES).replace("$(seq -s, -f I%g 1 13)", ",".join(D.CRITEO_INTS))
+    block = block.replace("$(seq -s, -f C%g 1 26)", ",".join(D.CRITEO_CATS))
+    commands = [line.split() for line in block.splitlines() if line.strip() and not line.startswith(("#", "NAMES"))]
+    preps = [c[3:] for c in commands if c[1:3] == ["-m", "wd_sok.prep"]]
+    trains = [c[2:] for c in commands if c[1] == "main.py"]
+    assert len(preps) == 2 and len(trains) == 1
+    for argv in preps:
+        args = parser().parse_args(argv)  # exits (SystemExit) on an unknown flag
+        assert args.output
+    assert parse_config(trains[0]).disable_map_calculation

@@ -80,14 +80,17 @@ class HashIds(Operator):
 class FitProgress(Callback):
     """Log the share of finished dask tasks of each fit pass, in steps of 20%."""
 
+    passes = 0
+
     def _start_state(self, dsk: Any, state: Any) -> None:
+        self.passes += 1
         self.total, self.done, self.next, self.start = max(len(dsk), 1), 0, 0.2, time.perf_counter()
 
     def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
         self.done += 1
         if self.done / self.total >= self.next:
-            logger.info("fit: %d%% of %d tasks (%.1f s)", 100 * self.done // self.total, self.total,
-                        time.perf_counter() - self.start)
+            logger.info("fit pass %d: %d%% of %d tasks (%.1f s)", self.passes, 100 * self.done // self.total,
+                        self.total, time.perf_counter() - self.start)
             self.next += 0.2
 
 
