@@ -85,7 +85,11 @@ def _unscale(g: tf.Tensor | tf.IndexedSlices, scale: tf.Variable) -> tf.Tensor |
 
 
 def make_eval_step(model: WideDeepModel) -> Callable[[Batch], tf.Tensor]:
-    """Return ``step(batch) -> click probabilities [B] float32``."""
+    """Return ``step(batch) -> click probabilities [B] float32``, one per row, padding rows included.
+
+    The evaluation loop feeds batches padded to the local eval batch size (equal shapes on every rank for the
+    collective lookups) and drops the rows whose ``batch.mask`` is 0 before any metric sees them.
+    """
 
     @tf.function(reduce_retracing=True)
     def step(batch: Batch) -> tf.Tensor:
