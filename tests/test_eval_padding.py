@@ -98,17 +98,29 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return common.make_dataset(tmp_path_factory.mktemp("pad_data"))
 
 
-def run(data: Path, out: Path, ranks: int, backend: str, eval_batch: int, bench_steps: int = 0) -> list[dict]:
+def run(data: Path, out: Path, ranks: int, backend: str, eval_batch: int, bench_steps: int = 0,
+        reference: Path | None = None) -> list[dict]:
     args = ["tests/dist/eval_padding.py", "--data", str(data), "--out", str(out), "--backend", backend,
             "--eval_batch_size", str(eval_batch), "--bench_steps", str(bench_steps)]
-    common.check(common.launch(ranks, args, LIMIT))
+    if reference is not None:  # the script's own check, as scripts/gpu_check.sh uses it
+        args += ["--reference", str(reference)]
+    output = common.check(common.launch(ranks, args, LIMIT))
+    if reference is not None:
+        assert f"EVAL PADDING PASS ({ranks} ranks, {backend}" in output, output[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
 @pytest.fixture(scope="module")
-def reference(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def reference_dir(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One replicated process, eval batch 6: divides 150, 210 and 96, so no step has a padded row."""
-    (report,) = run(data, tmp_path_factory.mktemp("ref"), 1, "replicated", 6)
+    out = tmp_path_factory.mktemp("ref")
+    run(data, out, 1, "replicated", 6)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir: Path) -> dict:
+    report = json.loads((reference_dir / "rank0.json").read_text())
     assert all(size == real == 6 for size, real in report["eval_steps"])
     assert sum(real for _, real in report["eval_steps"]) == sum(common.TEST_ROWS)
     assert report["metrics"]["auc_roc"] > 0.6  # not a degenerate model: x1 carries the planted signal
@@ -131,10 +143,11 @@ def test_one_process_partial_final_batch(data: Path, tmp_path: Path, reference: 
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_sharded_uneven_shards_equal_batches(data: Path, tmp_path: Path, reference: dict, ranks: int) -> None:
+def test_sharded_uneven_shards_equal_batches(data: Path, tmp_path: Path, reference: dict, reference_dir: Path,
+                                             ranks: int) -> None:
     if not common.horovodrun():
         pytest.fail("horovodrun not found: install Horovod with Gloo (scripts/setup_env.sh)")
-    reports = run(data, tmp_path, ranks, "sharded", 48, bench_steps=20)
+    reports = run(data, tmp_path, ranks, "sharded", 48, bench_steps=20, reference=reference_dir)
     check_equal_shapes(reports, "eval_steps")
     check_equal_shapes(reports, "bench_steps")
     for r in reports:
@@ -149,3 +162,21 @@ def test_sharded_uneven_shards_equal_batches(data: Path, tmp_path: Path, referen
         got = reports[0]["metrics"][key]
         assert all(r["metrics"][key] == got for r in reports), key  # every rank reports the same
         assert got == pytest.approx(reference[key], abs=1e-6), (key, got, reference[key])
+
+
+def test_the_scripts_check_reports_unequal_shapes_and_metric_drift() -> None:
+    """tests/dist/eval_padding.py's --reference check (used on GPUs by scripts/gpu_check.sh) is not vacuous."""
+    from tests.dist.eval_padding import check
+
+    metrics = {"loss_val": 0.5, "auc_roc": 0.7, "streaming_map_val": 0.6, "map_groups": 10}
+    good = [{"rank": r, "local_eval_batch": 4, "rows": 6, "metrics": metrics,
+             "eval_steps": [[4, 4], [4, 2]], "bench_steps": [[4, 4]] * 3} for r in range(2)]
+    assert check(good, {"metrics": metrics}, 1e-6) == []
+    bad = json.loads(json.dumps(good))
+    bad[1]["eval_steps"] = [[4, 4], [2, 2]]  # a short batch fed to the lookup
+    bad[0]["bench_steps"] = [[4, 4]] * 2  # fewer benchmark steps on one rank
+    bad[0]["metrics"]["auc_roc"] = 0.7001
+    failures = check(bad, {"metrics": metrics}, 1e-6)
+    assert any("rank 1 fed [2, 4] rows" in f for f in failures), failures
+    assert any("bench_steps: ranks ran different step counts" in f for f in failures), failures
+    assert any(f.startswith("auc_roc") for f in failures), failures
