@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+import tensorflow as tf
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from wd_sok.config import Config  # noqa: E402
@@ -39,6 +41,11 @@ def main() -> int:
     parser.add_argument("--atol", type=float, default=1e-6)
     args = parser.parse_args()
     rt = Runtime()
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:  # one GPU per rank, as main.py does (SOK needs it)
+        gpu = gpus[rt.local_rank % len(gpus)]
+        tf.config.set_visible_devices([gpu], "GPU")
+        tf.config.experimental.set_memory_growth(gpu, True)
     out = Path(args.out)
     cfg = Config(dataset_path=args.data, global_batch_size=48, eval_batch_size=args.eval_batch_size, seed=5,
                  deep_hidden_units=[16, 16], embedding_backend=args.backend, model_dir=str(out / "ckpt"),
