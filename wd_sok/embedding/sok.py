@@ -6,8 +6,9 @@ Only SOK >= 2.0 with its top-level API is supported (:func:`check_sok`): a Value
 and the one needed otherwise (main.py prints it as ``wd-sok: error: ...`` and exits 2).
 
 Evidence, read from NVIDIA-Merlin/HugeCTR ``sparse_operation_kit/`` (paths below are relative to it; ``pkg/`` =
-``sparse_operation_kit/sparse_operation_kit/``). No GPU has run this module: it is right by these readings and
-by the CPU tests of everything around it (tests/test_sok_backend.py runs it where SOK and a GPU exist).
+``sparse_operation_kit/sparse_operation_kit/``; lines at tag v24.06.00 unless another tag is named). No GPU
+has run this module: it is right by these readings and by the CPU tests of everything around it
+(tests/test_sok_backend.py runs it where SOK and a GPU exist).
 
 * Versions and where the API lives. v23.08.00 is legacy SOK 1.2.0 (``pkg/core/_version.py:17-21``, exported as
   ``sok.__version__`` at ``pkg/__init__.py:19``); its top level has ``Init``, ``DistributedEmbedding``, ...
@@ -47,10 +48,12 @@ by the CPU tests of everything around it (tests/test_sok_backend.py runs it wher
 * ``sok.filter_variables(vars) -> (sok_vars, other_vars)`` (``pkg/__init__.py:131-182``: DistributedVariable,
   LocalizedVariable and DynamicVariable are SOK's): :attr:`sparse_variables`.
 
-Not used: ``sok.dump`` / ``sok.load`` (``pkg/dump_load.py:1134`` / ``:1216``) save per-rank files for the
-optimizers named in ``optimizer_names = ["SGD", "Adamax", "Adadelta", "Adagrad", "Ftrl", "Adam"]``
-(``pkg/dump_load.py:54``; v23.12.00 ``:51``; anything else raises, ``:125-141``): FTRL slots would be saved, but
-not RMSprop, the deep tables' optimizer, and the files are tied to the GPU count. Checkpoints go through
+Not used: ``sok.dump`` / ``sok.load`` (``pkg/dump_load.py:1134`` / ``:1216``) handle only the optimizers named in
+``optimizer_names = ["SGD", "Adamax", "Adadelta", "Adagrad", "Ftrl", "Adam"]`` (``pkg/dump_load.py:54``;
+v23.12.00 ``:51``; any other raises, ``:125-141``): FTRL slots would be saved, but not RMSprop, the deep tables'
+optimizer. And for a ``sok.Variable`` the dump allgathers every table's global keys (``local * N + gpu``) and
+rows in rounds to GPU 0, which alone writes the files (``:541``, ``:561``, ``:569-570``, ``:603-612``): the
+whole-table gather on one rank that per-rank checkpoints avoid. Checkpoints go through
 :class:`RowShardedCollection`'s export / import, like the sharded backend, so they load under any backend and
 rank count. Also not used: ``sok.DynamicVariable`` (hash tables; needs ``sok.OptimizerWrapper``), ``sp_weights``,
 ``sok.all2all_dense_embedding``, ``sok.incremental_model_dump`` (v24.06.00): wd-sok's tables have fixed sizes.
