@@ -34,10 +34,11 @@ fi
 "$VENV/bin/python" -c 'import tensorflow as tf, numpy, keras; print("[tf-compat] tensorflow", tf.__version__,
 "keras", keras.__version__, "numpy", numpy.__version__)'
 
-# Tests that launch horovodrun cannot run without Horovod: the multi-process files and one multi-rank case.
-# tests/test_export.py's two-rank test skips itself when no horovodrun is found.
+# Tests that launch horovodrun cannot run without Horovod: the multi-process file and the multi-rank cases.
+# tests/test_export.py's two-rank test skips itself when no horovodrun is found; tests/test_sok_backend.py's
+# GPU test skips itself without SOK and a GPU (its CPU tests run).
 exec "$VENV/bin/python" -m pytest tests -q -ra -p no:cacheprovider \
-  --ignore tests/test_distributed.py --ignore tests/test_sok_backend.py \
+  --ignore tests/test_distributed.py \
   --deselect tests/test_bad_input.py::test_fewer_files_than_ranks \
   --deselect tests/test_eval_padding.py::test_sharded_uneven_shards_equal_batches \
   "$@"
