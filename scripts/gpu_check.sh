@@ -89,7 +89,7 @@ launch_cpu() {  # launch_cpu NP LOGFILE ARGS... : the same on CPU processes (no 
 record() {  # record CHECK GPUS RC LOGFILE DETAIL
   local check="$1" gpus="$2" rc="$3" log="$4" detail="$5"
   if [[ "$rc" -eq 0 ]]; then
-    ROWS+=("| $check | $gpus | PASS | $detail |")
+    ROWS+=("| $check | $gpus | PASS | ${detail//|//} |")
   else
     ROWS+=("| $check | $gpus | FAIL | exit $rc: $(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-160 | tr '|' '/') |")
     STATUS=1
@@ -107,7 +107,7 @@ from tests.dist.common import final_metrics
 a, b = (final_metrics(Path(p)) for p in sys.argv[1:3])
 keys = ("loss_val", "auc_roc", "streaming_map_val")
 diff = {k: abs(a[k] - b[k]) for k in keys}
-print(", ".join(f"{k} {b[k]:.6f} (|d| {diff[k]:.1e})" for k in keys))
+print(", ".join(f"{k} {b[k]:.6f} (diff {diff[k]:.1e})" for k in keys))
 sys.exit(0 if max(diff.values()) <= 1e-4 else 1)
 PY
 }
