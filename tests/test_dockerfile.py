@@ -117,6 +117,54 @@ def test_package_is_installed_without_replacing_the_containers_builds() -> None:
     assert "pyproject.toml" in copied and "wd_sok" in copied, "the package must be copied before installing"
 
 
+def labels() -> dict[str, str]:
+    """The Dockerfile's LABEL key="value" pairs."""
+    return dict(re.findall(r'([\w.-]+)="([^"]*)"', " ".join(of("LABEL"))))
+
+
+def test_sok_2x_replaces_the_legacy_sok_of_the_base_image() -> None:
+    """merlin-tensorflow:23.08 ships legacy SOK 1.2 (no top-level 2.x API): the image must build merlin-sok >= 2.0
+    against the container's TensorFlow (no build isolation, no dependency changes), after removing the legacy
+    package, and check the result; the version it installs is the one the labels and README state."""
+    runs = [args for args in of("RUN") if "scripts/install_sok.sh" in args]
+    assert len(runs) == 1, "the image must run scripts/install_sok.sh"
+    version = re.search(r"install_sok\.sh (\d+\.\d+\.\d+)", runs[0]).group(1)
+    assert tuple(int(v) for v in version.split(".")) >= (2, 0, 0) and labels()["wd-sok.sok"] == version
+    script = (ROOT / "scripts" / "install_sok.sh").read_text()
+    install = [line for line in script.splitlines() if "pip install" in line and "merlin-sok==" in line]
+    assert len(install) == 1 and "--no-build-isolation" in install[0] and "--no-deps" in install[0], install
+    assert "--no-cache-dir" in install[0]
+    uninstall = script.index("pip uninstall -y merlin-sok")
+    assert uninstall < script.index(install[0]) < script.index('_version.py").read_text()')
+    assert "SOK_COMPILE_UNIT_TEST=OFF" in script
+    assert "COPY scripts/install_sok.sh" in " ".join(f"COPY {a}" for a in of("COPY"))
+
+
+def test_readme_and_tf_compat_check_state_the_image_versions() -> None:
+    """One set of versions: the Dockerfile's labels, the README's GPU quick start, check_tf_compat.sh's default."""
+    lab = labels()
+    section = QUICKSTART.read_text().split("## GPU quick start", 1)[1].split("\n## ", 1)[0]
+    image = of("FROM")[0].split()[0]
+    assert image in section, f"the README must name the base image {image}"
+    for text in (f"TensorFlow {lab['wd-sok.tensorflow']}", f"Python {lab['wd-sok.python']}",
+                 f"CUDA {lab['wd-sok.cuda']}", f"merlin-sok {lab['wd-sok.sok']}"):
+        assert text in section, f"README GPU quick start does not state {text!r}"
+    compat = (ROOT / "scripts" / "check_tf_compat.sh").read_text()
+    assert f"TF_VERSION=${{TF_VERSION:-{lab['wd-sok.tensorflow']}}}" in compat
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "scripts").glob("*.sh")))
+def test_shell_scripts_parse_and_pass_shellcheck(script: str) -> None:
+    path = ROOT / "scripts" / script
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    shellcheck = shutil.which("shellcheck")
+    if not shellcheck:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    proc = subprocess.run([shellcheck, "-S", "warning", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_copy_sources_exist_and_survive_dockerignore() -> None:
     copies = of("COPY") + of("ADD")
     assert copies

@@ -1,8 +1,12 @@
-"""Contract test of the SOK backend: same parity checks as the sharded one (tests/dist/parity.py).
+"""The SOK backend: version gate and backend choice (everywhere, with fake modules), GPU parity (GPU only).
 
-Runs wherever ``sparse_operation_kit`` (merlin-sok 2.x) is importable and TensorFlow sees a GPU: on 1 GPU, and
-on every visible GPU through horovodrun when there are more. Skipped otherwise (a CPU-only machine cannot run
-SOK's CUDA kernels); scripts/gpu_check.sh runs the same script on GPU machines (NGC Merlin TF container).
+CPU part: ``sparse_operation_kit`` is replaced by fake modules in ``sys.modules`` shaped like the real ones
+(read from NVIDIA-Merlin/HugeCTR, see wd_sok/embedding/sok.py): legacy SOK 1.2 (merlin-tensorflow:23.08) has
+``__version__ = "1.2.0"`` and its 2.x-style API only under ``.experiment``; SOK 2.x has it at top level.
+
+GPU part: the contract test runs wherever ``sparse_operation_kit`` (merlin-sok 2.x) is importable and TensorFlow
+sees a GPU: on 1 GPU, and on every visible GPU through horovodrun when there are more. Skipped otherwise (a
+CPU-only machine cannot run SOK's CUDA kernels); scripts/gpu_check.sh runs the same script on GPU machines.
 On GPU, atomics reorder floating-point sums, so the tolerance is 1e-4 rather than the sharded backend's 1e-5.
 """
 
@@ -10,13 +14,107 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import pytest
 
 from tests.dist import common
+from wd_sok.embedding import resolve_backend
+from wd_sok.embedding import sok as sok_backend
+
+API = ("init", "Variable", "lookup_sparse", "filter_variables")
 
 
+def fake_sok(version: str, top_level: tuple[str, ...] = API) -> ModuleType:
+    """A module shaped like ``sparse_operation_kit`` of the given version with ``top_level`` functions."""
+    mod = ModuleType("sparse_operation_kit")
+    mod.__version__ = version
+    mod.calls = []
+    for name in top_level:
+        setattr(mod, name, lambda *a, _n=name, **k: mod.calls.append((_n, a, k)))
+    if "init" in top_level:  # the real signature (pkg/__init__.py:75 at v23.12.00 and v24.06.00)
+        def init(comm_tool: str = "horovod", use_legacy_optimizer: bool = True) -> None:
+            mod.calls.append(("init", (), {"comm_tool": comm_tool, "use_legacy_optimizer": use_legacy_optimizer}))
+        mod.init = init
+    return mod
+
+
+def legacy_sok() -> ModuleType:
+    """SOK 1.2 as in merlin-tensorflow:23.08: Init / DistributedEmbedding at top level, 2.x API in .experiment."""
+    mod = fake_sok("1.2.0", ("Init", "DistributedEmbedding", "Saver"))
+    mod.experiment = fake_sok("1.2.0")  # has init, Variable, lookup_sparse, filter_variables
+    return mod
+
+
+@pytest.fixture
+def installed(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - a setter
+    def put(module: ModuleType | None) -> None:
+        monkeypatch.setitem(sys.modules, "sparse_operation_kit", module)  # None: `import` raises ImportError
+    monkeypatch.setattr(sok_backend, "_SOK_READY", False)
+    return put
+
+
+@pytest.mark.parametrize("version,expected", [("2.1.0", (2, 1, 0)), ("2.0.0", (2, 0, 0)), ("1.2.0", (1, 2, 0)),
+                                              ("2.1.0rc1", (2, 1, 0)), ("2.1", (2, 1)), ("unknown", ()),
+                                              ("", ())])
+def test_parse_version(version: str, expected: tuple) -> None:
+    assert sok_backend.parse_version(version) == expected
+
+
+def test_auto_never_picks_legacy_sok(installed) -> None:  # noqa: ANN001
+    installed(legacy_sok())
+    assert resolve_backend("auto", 2, gpu=True) == "sharded"
+    assert resolve_backend("auto", 1, gpu=True) == "replicated"
+
+
+@pytest.mark.parametrize("version", ["2.0.0", "2.1.0", "2.1.1"])
+def test_auto_picks_sok_2x_only_with_gpus(installed, version: str) -> None:  # noqa: ANN001
+    installed(fake_sok(version))
+    assert resolve_backend("auto", 2, gpu=True) == "sok"
+    assert resolve_backend("auto", 1, gpu=True) == "sok"
+    assert resolve_backend("auto", 2, gpu=False) == "sharded"
+    assert resolve_backend("auto", 1, gpu=False) == "replicated"
+
+
+def test_auto_skips_sok_without_its_api_or_that_fails_to_import(installed) -> None:  # noqa: ANN001
+    installed(fake_sok("2.1.0", ("init", "Variable", "filter_variables")))  # no lookup_sparse
+    assert resolve_backend("auto", 2, gpu=True) == "sharded"
+    installed(None)
+    assert resolve_backend("auto", 2, gpu=True) == "sharded"
+    assert resolve_backend("sok", 2, gpu=False) == "sok"  # explicit names pass through (checked when built)
+
+
+def test_explicit_sok_with_legacy_version_is_a_one_line_error(installed) -> None:  # noqa: ANN001
+    installed(legacy_sok())
+    with pytest.raises(ValueError) as err:
+        sok_backend.init_sok(SimpleNamespace(hvd=object()))
+    message = str(err.value)
+    assert "\n" not in message and "found sparse_operation_kit 1.2.0" in message and ">= 2.0" in message
+    assert "sok.init" in message and "sok.lookup_sparse" in message  # what the legacy top level lacks
+    installed(fake_sok("1.9.0"))
+    with pytest.raises(ValueError, match=r"needs Merlin SOK >= 2\.0 .*found sparse_operation_kit 1\.9\.0"):
+        sok_backend.init_sok(SimpleNamespace(hvd=object()))
+
+
+def test_sok_2x_is_initialised_once_without_rebinding_keras_optimizers(installed) -> None:  # noqa: ANN001
+    sok = fake_sok("2.1.0")
+    installed(sok)
+    runtime = SimpleNamespace(hvd=object())
+    assert sok_backend.init_sok(runtime) is sok
+    assert sok_backend.init_sok(runtime) is sok
+    assert [c for c in sok.calls if c[0] == "init"] == [
+        ("init", (), {"comm_tool": "horovod", "use_legacy_optimizer": False})]
+
+
+def test_sok_without_horovod_is_an_error(installed) -> None:  # noqa: ANN001
+    installed(fake_sok("2.1.0"))
+    with pytest.raises(ValueError, match="needs Horovod"):
+        sok_backend.init_sok(SimpleNamespace(hvd=None))
+
+
+# ------------------------------------------------------------------ GPU contract test
 def _gpus() -> int:
     import tensorflow as tf
 
@@ -24,13 +122,14 @@ def _gpus() -> int:
 
 
 SOK_MISSING = importlib.util.find_spec("sparse_operation_kit") is None
-pytestmark = pytest.mark.skipif(
+GPU_ONLY = pytest.mark.skipif(
     SOK_MISSING or _gpus() == 0,
     reason="SOK backend needs merlin-sok (sparse_operation_kit) and a GPU; this machine has "
            + ("no sparse_operation_kit" if SOK_MISSING else "no GPU")
            + ": run scripts/gpu_check.sh on a GPU machine instead")
 
 
+@GPU_ONLY
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_sok_matches_replicated(tmp_path: Path, ranks: int) -> None:
     if ranks > _gpus():

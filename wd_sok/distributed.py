@@ -32,6 +32,7 @@ class Runtime:
     def is_chief(self) -> bool:
         return self.rank == 0
 
+    @tf.autograph.experimental.do_not_convert  # plain Python over lists; TF 2.12's AutoGraph zip has no strict=
     def allreduce_grads(self, grads: list) -> list:
         """Sum gradients over ranks (IndexedSlices are allgathered by Horovod); identity on one rank."""
         if self.size == 1:

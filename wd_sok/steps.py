@@ -42,7 +42,7 @@ def make_train_step(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimiz
         variables = wide_vars + deep_vars
         grads = tape.gradient(loss, variables)
         dense = [i for i, v in enumerate(variables) if id(v) not in sparse and grads[i] is not None]
-        for i, g in zip(dense, runtime.allreduce_grads([grads[i] for i in dense]), strict=True):
+        for i, g in _pairs(dense, runtime.allreduce_grads([grads[i] for i in dense])):
             grads[i] = g
         if scale is not None:
             grads = [None if g is None else _unscale(g, scale) for g in grads]
@@ -73,6 +73,14 @@ def make_train_step(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimiz
     return step
 
 
+@tf.autograph.experimental.do_not_convert  # see _pairs
+def _pairs(a: list, b: list) -> list[tuple]:
+    """``list(zip(a, b, strict=True))`` outside AutoGraph: TensorFlow 2.12's AutoGraph (the GPU image's) replaces
+    ``zip`` in traced code by a version without ``strict`` (TypeError); scripts/check_tf_compat.sh found it."""
+    return list(zip(a, b, strict=True))
+
+
+@tf.autograph.experimental.do_not_convert  # see _pairs
 def _apply(wide_opt: Optimizer, deep_opt: Optimizer, grads: list, wide_vars: list, deep_vars: list) -> None:
     n = len(wide_vars)
     wide_opt.apply_gradients([(g, v) for g, v in zip(grads[:n], wide_vars, strict=True) if g is not None])
@@ -90,7 +98,11 @@ def _unscale(g: tf.Tensor | tf.IndexedSlices, scale: tf.Variable) -> tf.Tensor |
 
 
 def make_eval_step(model: WideDeepModel) -> Callable[[Batch], tf.Tensor]:
-    """Return ``step(batch) -> click probabilities [B] float32``."""
+    """Return ``step(batch) -> click probabilities [B] float32``, one per row, padding rows included.
+
+    The evaluation loop feeds batches padded to the local eval batch size (equal shapes on every rank for the
+    collective lookups) and drops the rows whose ``batch.mask`` is 0 before any metric sees them.
+    """
 
     @tf.function(reduce_retracing=True)
     def step(batch: Batch) -> tf.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from wd_sok import checkpoint, startup
 from wd_sok.config import Config
-from wd_sok.data.batch import Batch
+from wd_sok.data.batch import Batch, head, pad_batch, real_rows
 from wd_sok.data.loader import DataLoader
 from wd_sok.distributed import Runtime
 from wd_sok.embedding import make_embedding, resolve_backend
@@ -93,7 +93,8 @@ class Trainer:
         self.train_data = DataLoader(self.spec, TRAIN, self.local_batch, runtime.rank, runtime.size,
                                      shuffle=True, seed=cfg.seed, drop_last=True, nan_policy=cfg.nan_policy,
                                      commit_checks=False)
-        self.eval_data = DataLoader(self.spec, TEST, cfg.eval_batch_size // runtime.size, runtime.rank,
+        self.local_eval_batch = cfg.eval_batch_size // runtime.size
+        self.eval_data = DataLoader(self.spec, TEST, self.local_eval_batch, runtime.rank,
                                     runtime.size, with_map=with_map, nan_policy=cfg.nan_policy,
                                     commit_checks=False)
         # every rank reads T // N or T // N + 1 rows: the smallest share sets the steps (no collective)
@@ -112,7 +113,8 @@ class Trainer:
     def _build(self) -> None:
         """Create every variable (one forward pass on a slice of data) and agree on dense weights."""
         first = self.eval_data.first()
-        self.model(_head(first, 2), training=False)
+        self._eval_template = head(first, 0)  # what a rank whose test files ran out pads from
+        self.model(_head(first, 2), training=False)  # 2 rows on every rank: equal shapes for the collectives
         self.rt.broadcast_variables(self.model.dense_variables)
 
     def attach(self, reporter: Reporter) -> None:
@@ -237,29 +239,24 @@ class Trainer:
     def evaluate(self, should_stop: Callable[[], int] | None = None) -> dict[str, float]:
         """BCE, AUC and (exact) MAP@12 over the whole test mapping, summed over ranks.
 
+        Every rank runs the same number of steps on batches of exactly the local eval batch size (short and
+        "ran out" batches padded, :meth:`eval_batches`); padded rows are dropped before any metric sees them.
         ``should_stop`` (a collective every rank calls after each step) ends the evaluation early: {}.
         """
         bce, auc = StreamingBce(), StreamingAuc(self.cfg.num_auc_thresholds)
         mapk = StreamingMap(k=12) if self.cfg.map_calculation_enabled else None
-        steps = self.rt.max_int(len(self.eval_data), "eval_steps")  # collectives: every rank runs every step
-        batches = iter(self.eval_data)
-        empty = None
-        for _ in range(steps):
-            batch = next(batches, None)
-            if batch is None:
-                batch = empty
-            elif empty is None:
-                empty = _head(batch, 0)
+        for batch in self.eval_batches():
             probs = self.eval_step(batch).numpy()
+            probs, labels = real_rows(batch, probs, batch.label.numpy())
             if probs.size == 0:
                 if should_stop is not None and should_stop():
                     return {}
                 continue
-            labels = batch.label.numpy()
             bce.update(probs, labels)
             auc.update(probs, labels)
             if mapk is not None:
-                mapk.update(batch.map_ids.numpy(), probs, labels)
+                (map_ids,) = real_rows(batch, batch.map_ids.numpy())
+                mapk.update(map_ids, probs, labels)
             if should_stop is not None and should_stop():
                 return {}
         out = {}
@@ -276,6 +273,19 @@ class Trainer:
                 self.log.info(f"warning: MAP@12 is undefined for {int(s[2])} display group(s) without a click "
                               f"and {int(s[3])} with several; they were skipped (map_skipped_* in the log)")
         return out
+
+    def eval_batches(self) -> Iterator[Batch]:
+        """One pass over this rank's test files as exactly ``eval_steps`` batches of ``local_eval_batch`` rows.
+
+        ``eval_steps`` is the largest per-rank batch count (agreed collectively), so every rank runs every
+        collective lookup with the same shapes: a rank's final partial batch is padded, and a rank that has run
+        out feeds batches of padding only (mask 0, id 0, empty multi-hot rows).
+        """
+        steps = self.rt.max_int(len(self.eval_data), "eval_steps")
+        batches = iter(self.eval_data)
+        for _ in range(steps):
+            batch = next(batches, None)
+            yield pad_batch(self._eval_template if batch is None else batch, self.local_eval_batch)
 
     # ------------------------------------------------------------------ benchmark
     def benchmark_train(self) -> float:
@@ -298,15 +308,20 @@ class Trainer:
         return rate
 
     def benchmark_eval(self) -> float:
-        """Samples/s of the evaluation forward pass (warm-up batches excluded)."""
+        """Samples/s of the evaluation forward pass (warm-up batches excluded; padding rows not counted).
+
+        Passes over the test files repeat (each of the same, collectively agreed, step count) until
+        benchmark_warmup_steps + benchmark_steps steps have run: the same number on every rank.
+        """
         cfg, done, rows, t0 = self.cfg, 0, 0, 0.0
-        while done < cfg.benchmark_warmup_steps + cfg.benchmark_steps:
-            for batch in self.eval_data:
+        total = cfg.benchmark_warmup_steps + cfg.benchmark_steps
+        while done < total:
+            for batch in self.eval_batches():
                 if done == cfg.benchmark_warmup_steps:
                     t0, rows = time.perf_counter(), 0
                 self.eval_step(batch).numpy()
-                done, rows = done + 1, rows + batch.size
-                if done >= cfg.benchmark_warmup_steps + cfg.benchmark_steps:
+                done, rows = done + 1, rows + batch.real_size
+                if done >= total:
                     break
         rate = self.rt.sum_host(np.array([rows]), "bench_rows")[0] / (time.perf_counter() - t0)
         self.log.step([], {"validation_throughput": rate})
@@ -314,9 +329,8 @@ class Trainer:
 
 
 def _head(batch: Batch, n: int) -> Batch:
-    """The first ``n`` rows of a batch (n=0 gives the empty batch idle ranks feed to collectives)."""
-    return Batch(batch.numerical[:n], {k: v[:n] for k, v in batch.categorical.items()}, batch.label[:n],
-                 None if batch.map_ids is None else batch.map_ids[:n])
+    """Exactly ``n`` rows: the first ``n`` of ``batch``, padded (masked) if it has fewer."""
+    return pad_batch(head(batch, n), n)
 
 
 def _jsonable(cfg: Config) -> dict:

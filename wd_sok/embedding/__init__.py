@@ -8,13 +8,14 @@ from wd_sok.feature_spec import TableConfig
 
 
 def resolve_backend(name: str, world: int, gpu: bool) -> str:
-    """'auto' -> 'sok' with GPUs and SOK importable, else 'sharded' for >1 rank, else 'replicated'."""
+    """'auto' -> 'sok' with GPUs and a supported SOK (>= 2.0, top-level API), else 'sharded' for >1 rank,
+    else 'replicated'. Other names pass through (an explicit 'sok' checks the version when it is built)."""
     if name != "auto":
         return name
     if gpu:
-        import importlib.util
+        from wd_sok.embedding.sok import supported_sok
 
-        if importlib.util.find_spec("sparse_operation_kit") is not None:
+        if supported_sok() is not None:
             return "sok"
     return "sharded" if world > 1 else "replicated"
 

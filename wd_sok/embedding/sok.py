@@ -1,32 +1,64 @@
 """SOK backend: the same model-parallel placement on GPUs with Merlin Sparse Operation Kit 2.x (merlin-sok).
 
-``sparse_operation_kit`` is imported only when a :class:`SokEmbedding` is built (never at package import), so
-this module imports cleanly on CPU-only machines; building one there raises a clear error.
+``sparse_operation_kit`` is imported only when a :class:`SokEmbedding` is built or ``--embedding_backend auto``
+is resolved on a GPU machine (never at package import), so this module imports cleanly on CPU-only machines.
+Only SOK >= 2.0 with its top-level API is supported (:func:`check_sok`): a ValueError naming the version found
+and the one needed otherwise (main.py prints it as ``wd-sok: error: ...`` and exits 2).
 
-SOK 2.x functions relied on (sparse_operation_kit/__init__.py, distributed_variable.py, lookup.py):
+Evidence, read from NVIDIA-Merlin/HugeCTR ``sparse_operation_kit/`` (paths below are relative to it; ``pkg/`` =
+``sparse_operation_kit/sparse_operation_kit/``; lines at tag v24.06.00 unless another tag is named). No GPU
+has run this module: it is right by these readings and by the CPU tests of everything around it
+(tests/test_sok_backend.py runs it where SOK and a GPU exist).
 
-* ``sok.init(comm_tool="horovod", use_legacy_optimizer=...)`` after ``hvd.init()``; it may run only once per
-  process (its ``set_comm_tool`` raises on a second call), hence :func:`init_sok`'s guard. We pass
-  ``use_legacy_optimizer=False`` where accepted: True would rebind ``tf.keras.optimizers`` to the legacy
-  module, breaking this project's explicit ``tf.keras.optimizers.legacy.*`` references.
+* Versions and where the API lives. v23.08.00 is legacy SOK 1.2.0 (``pkg/core/_version.py:17-21``, exported as
+  ``sok.__version__`` at ``pkg/__init__.py:19``); its top level has ``Init``, ``DistributedEmbedding``, ...
+  (``pkg/__init__.py:35-42``) and the 2.x-style API only under ``sparse_operation_kit.experiment``
+  (``pkg/experiment/__init__.py:62`` lookup_sparse, ``:73`` init, ``:128`` filter_variables). From v23.12.00
+  (2.0.0) and v24.06.00 (2.1.0 = merlin-sok 2.1.0) it is top level: ``pkg/_version.py:17-21``, imported at
+  ``pkg/__init__.py:49``, with ``Variable`` ``:55``, ``lookup_sparse`` ``:68``, ``dump, load`` ``:71``.
+* ``sok.init(comm_tool="horovod", use_legacy_optimizer=True)`` (``pkg/__init__.py:75``, both 2.x tags), after
+  ``hvd.init()``; it calls ``set_comm_tool`` (``:127``), which raises RuntimeError "cannot be set more than
+  once" on a second call (``pkg/communication.py:173-181``, same file at v23.12.00 and v24.06.00): hence
+  :func:`init_sok`'s once-only guard. We pass ``use_legacy_optimizer=False``: True rebinds
+  ``tf.keras.optimizers`` to the legacy module (``pkg/__init__.py:119-123``), breaking this project's explicit
+  ``tf.keras.optimizers.legacy.*`` references.
 * ``sok.Variable(shape=[rows, dim], initializer=f, dtype=tf.float32)`` -> ``DistributedVariable`` (a
-  ResourceVariable) holding rows ``g % N == rank`` at local row ``g // N``, local size
-  ``rows // N + (rank < rows % N)`` = ceil((rows - rank) / N); ``f(shape=(local, dim), dtype)`` makes its
-  value: we return :func:`initial_rows` of exactly this rank's rows (values independent of N), and check
-  the resulting shape so a different placement fails loudly instead of silently mis-checkpointing.
-* ``sok.lookup_sparse(params, sp_ids, combiners=...)`` -> one fused lookup for all tables (ids of every
-  table are allgathered, looked up by their owners and returned by alltoall); ids are int64
-  tf.RaggedTensor [B, (k)] (one-hot as rows of 1). Its gradient is an IndexedSlices on the local variable
-  (local rows), already summed over ranks, so plain legacy Keras optimizers (FTRL, RMSprop) apply it.
-  We always ask for "sum" and divide by the row length ourselves for "mean", so empty multi-hot rows give
-  0 exactly as :func:`pool` does, whatever SOK does with them.
-* ``sok.filter_variables(vars) -> (sok_vars, other_vars)``: :attr:`sparse_variables` (never allreduced).
+  ResourceVariable, ``pkg/distributed_variable.py:111-114``, ``:126``) with local size ``rows // N + (gpu <
+  rows % N)`` (``:192-194``); it calls ``f(shape=(local, dim), dtype=dtype)`` (``:196``) and maps global id g
+  to local row ``g // N`` (``key_map``, ``:231-232``); g lives on GPU ``g % N`` (``indices * num_gpus +
+  global_gpu_id`` when it slices an initial value, ``:181-182``; the docstring example ``:51-58``). We return
+  :func:`initial_rows` of exactly this rank's rows (values independent of N) and check the resulting shape,
+  so a different placement fails loudly.
+* ``sok.lookup_sparse(params, sp_ids, combiners=...)`` (``pkg/lookup.py:532``; impl ``:415``; v23.12.00 ``:507``
+  / ``:390``): one fused lookup for all tables. It allgathers every rank's row lengths (``:481``) and keys, and
+  derives the batch from their count: ``HotnessCalculate`` requires ``len % (lookups x GPUs) == 0`` and takes
+  ``local_batchsize = len / lookups / GPUs`` (``kit_src/lookup/kernels/embedding_collection.cc:190-193``),
+  ``LookupForward`` takes ``global_batch_size = len / lookups`` (``:447``) and ``PostprocessingForward``
+  ``global_batch_size = local rows x num_gpus`` (``:852``; v23.12.00 ``:191``, ``:445``, ``:850``). So every rank
+  must feed the same number of rows in every call: wd_sok/train.py pads evaluation batches to the local eval
+  batch with masked rows (:func:`wd_sok.data.batch.pad_batch`), runs equal step counts everywhere, and
+  training batches are always full (drop_last, steps agreed over ranks). Ids are int64 tf.RaggedTensor
+  [B, (k)] (one-hot as rows of 1); padding rows are id 0 or empty rows. We always ask for "sum" and divide by
+  the row length ourselves for "mean", so empty multi-hot rows give 0 exactly as :func:`pool` does.
+* Gradients (``pkg/lookup.py:223-256``, v23.12.00 ``:198-231``): the vectors come back by alltoall (``:521``),
+  so the backward op receives one gradient block per GPU (``top_grads[:num_gpus]``, ``:242``) and returns
+  ``tf.IndexedSlices`` on the local variable with indices ``g // N`` (``:253-255``): local rows, already summed
+  over every rank's samples. So plain legacy Keras optimizers (FTRL, RMSprop) apply them and they are never
+  allreduced.
+* ``sok.filter_variables(vars) -> (sok_vars, other_vars)`` (``pkg/__init__.py:131-182``: DistributedVariable,
+  LocalizedVariable and DynamicVariable are SOK's): :attr:`sparse_variables`.
 
-Checkpoints do not use SOK's ``sok.dump`` / ``sok.load``: each rank streams its own rows and slots to its own
-files in wd-sok's sharded format (``wd_sok.checkpoint``, through :class:`RowShardedCollection`'s row maps),
-exactly as the sharded backend does, so checkpoints move between SOK, CPU backends and rank counts. The
-initial rows are written the same way: ``sok.Variable`` starts from zeros and :func:`fill_initial` writes
-them block by block (no full-shard tf.constant).
+Not used: ``sok.dump`` / ``sok.load`` (``pkg/dump_load.py:1134`` / ``:1216``) handle only the optimizers named in
+``optimizer_names = ["SGD", "Adamax", "Adadelta", "Adagrad", "Ftrl", "Adam"]`` (``pkg/dump_load.py:54``;
+v23.12.00 ``:51``; any other raises, ``:125-141``): FTRL slots would be saved, but not RMSprop, the deep tables'
+optimizer. And for a ``sok.Variable`` the dump allgathers every table's global keys (``local * N + gpu``) and
+rows in rounds to GPU 0, which alone writes the files (``:541``, ``:561``, ``:569-570``, ``:603-612``): the
+whole-table gather on one rank that per-rank checkpoints avoid. Instead each rank streams its own rows and
+slots to its own files in wd-sok's sharded format (``wd_sok.checkpoint``, through :class:`RowShardedCollection`'s
+row maps), exactly as the sharded backend does, so checkpoints move between SOK, CPU backends and rank counts.
+The initial rows are written the same way: ``sok.Variable`` starts from zeros and :func:`fill_initial` writes
+them block by block (no full-shard tf.constant). Also not used: ``sok.DynamicVariable`` (hash tables; needs ``sok.OptimizerWrapper``), ``sp_weights``,
+``sok.all2all_dense_embedding``, ``sok.incremental_model_dump`` (v24.06.00): wd-sok's tables have fixed sizes.
 """
 
 from __future__ import annotations
@@ -42,19 +74,67 @@ from wd_sok.embedding.sharded import Ids, RowShardedCollection, checked_ids, loc
 from wd_sok.feature_spec import TableConfig
 
 _SOK_READY = False
+MIN_VERSION = (2, 0)
+API = ("init", "Variable", "lookup_sparse", "filter_variables")
+
+
+def parse_version(version: str) -> tuple[int, ...]:
+    """``"2.1.0"`` -> (2, 1, 0); leading digits of each part only (``"2.1.0rc1"`` -> (2, 1, 0)); () if none."""
+    out = []
+    for part in str(version).split(".")[:3]:
+        digits = ""
+        for ch in part:
+            if not ch.isdigit():
+                break
+            digits += ch
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def check_sok(sok: ModuleType) -> str:
+    """The version of an imported ``sparse_operation_kit``; ValueError (one line) unless it is >= 2.0 with the
+    top-level API this backend calls (legacy SOK 1.x has it only under ``sparse_operation_kit.experiment``)."""
+    version = str(getattr(sok, "__version__", "unknown"))
+    missing = [name for name in API if not hasattr(sok, name)]
+    parsed = parse_version(version)
+    if missing or not parsed or parsed < MIN_VERSION:
+        need = ".".join(map(str, MIN_VERSION))
+        lacks = f" (no top-level {', '.join('sok.' + m for m in missing)})" if missing else ""
+        raise ValueError(f"--embedding_backend sok needs Merlin SOK >= {need} (merlin-sok); found "
+                         f"sparse_operation_kit {version}{lacks}: use the image of this repo's Dockerfile "
+                         f"(merlin-sok 2.1.0), or --embedding_backend sharded")
+    return version
+
+
+def supported_sok() -> str | None:
+    """The version of an importable, supported SOK (what ``--embedding_backend auto`` picks sok for), else None.
+
+    Imports ``sparse_operation_kit`` (on a GPU machine, where ``auto`` asks); any failure counts as absent."""
+    try:
+        import sparse_operation_kit as sok
+    except Exception:  # ImportError, or its loader failing to find CUDA / libsparse_operation_kit.so
+        return None
+    try:
+        return check_sok(sok)
+    except ValueError:
+        return None
 
 
 def init_sok(runtime: Runtime) -> ModuleType:
-    """Import SOK and initialise it once per process (after ``hvd.init()``); returns the module.
+    """Import SOK, check its version and initialise it once per process (after ``hvd.init()``).
 
-    Raises ValueError (a configuration error, reported by main.py as such) when SOK or Horovod is missing.
+    Raises ValueError (a configuration error, reported by main.py as such) when SOK is missing, older than 2.0
+    or lacks its top-level 2.x API, or when Horovod is missing.
     """
     global _SOK_READY
     try:
         import sparse_operation_kit as sok
     except Exception as e:  # ImportError, or its loader failing to find CUDA / libsparse_operation_kit.so
         raise ValueError(f"--embedding_backend sok needs Merlin SOK 2.x (pip merlin-sok) and a GPU: "
-                           f"importing sparse_operation_kit failed ({e})") from None
+                         f"importing sparse_operation_kit failed ({e})") from None
+    check_sok(sok)
     if not _SOK_READY:
         if runtime.hvd is None:
             raise ValueError("--embedding_backend sok needs Horovod (SOK communicates through it)")
