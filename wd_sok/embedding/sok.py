@@ -57,8 +57,9 @@ whole-table gather on one rank that per-rank checkpoints avoid. Instead each ran
 slots to its own files in wd-sok's sharded format (``wd_sok.checkpoint``, through :class:`RowShardedCollection`'s
 row maps), exactly as the sharded backend does, so checkpoints move between SOK, CPU backends and rank counts.
 The initial rows are written the same way: ``sok.Variable`` starts from zeros and :func:`fill_initial` writes
-them block by block (no full-shard tf.constant). Also not used: ``sok.DynamicVariable`` (hash tables; needs ``sok.OptimizerWrapper``), ``sp_weights``,
-``sok.all2all_dense_embedding``, ``sok.incremental_model_dump`` (v24.06.00): wd-sok's tables have fixed sizes.
+them block by block (no full-shard tf.constant). Also not used: ``sok.DynamicVariable`` (hash tables; needs
+``sok.OptimizerWrapper``), ``sp_weights``, ``sok.all2all_dense_embedding``, ``sok.incremental_model_dump``
+(v24.06.00): wd-sok's tables have fixed sizes.
 """
 
 from __future__ import annotations
