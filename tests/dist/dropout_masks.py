@@ -40,7 +40,7 @@ def main() -> int:
         outs.append([model._mlp(x, tf.constant(s, tf.int64), 0.5).numpy() for s in (3, 4)])  # noqa: SLF001
         outs[-1].append(model._mlp(x, tf.constant(3, tf.int64), 0.5).numpy())  # noqa: SLF001
     mine = np.stack(outs[0][:2])  # [2 steps, 64]
-    every = rt.allgather(tf.constant(mine[None]), "mlp_outputs").numpy()  # [ranks, 2, 64]
+    every = rt.hvd.allgather(tf.constant(mine[None]), name="mlp_outputs").numpy()  # [ranks, 2, 64]
     failures = []
     if not np.array_equal(outs[0][0], outs[1][0]) or not np.array_equal(outs[0][0], outs[0][2]):
         failures.append(f"rank {rt.rank}: the same (seed, rank, layer, step) gave another mask")

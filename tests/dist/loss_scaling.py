@@ -50,7 +50,7 @@ def batch() -> Batch:
 
 def gathered(rt: Runtime, values: list[float]) -> np.ndarray:
     """[ranks, len(values)] float64: every rank's values."""
-    return rt.allgather(tf.constant([values], tf.float64), "gathered").numpy()
+    return rt.hvd.allgather(tf.constant([values], tf.float64), name="gathered").numpy()
 
 
 def main() -> int:

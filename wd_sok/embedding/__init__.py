@@ -21,12 +21,14 @@ def resolve_backend(name: str, world: int, gpu: bool) -> str:
 
 
 def make_embedding(backend: str, tables: list[TableConfig], initializer: str, seed: int,
-                   prefix: str, runtime: Runtime) -> EmbeddingCollection:
-    """Build the embedding layer of ``backend`` ('replicated', 'sharded' or 'sok') for ``tables``."""
+                   prefix: str, runtime: Runtime | None) -> EmbeddingCollection:
+    """Build the embedding layer of ``backend`` ('replicated', 'sharded' or 'sok') for ``tables`` (``runtime``
+    may be None for a lone replicated model)."""
     if backend == "replicated":
         from wd_sok.embedding.replicated import ReplicatedEmbedding
 
-        return ReplicatedEmbedding(tables, initializer, seed, prefix, runtime.rank, runtime.size)
+        rank, world = (runtime.rank, runtime.size) if runtime is not None else (0, 1)
+        return ReplicatedEmbedding(tables, initializer, seed, prefix, rank, world)
     if backend == "sharded":
         from wd_sok.embedding.sharded import ShardedEmbedding
 
