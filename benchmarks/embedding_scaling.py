@@ -23,11 +23,17 @@ instead of busy-waiting on its full queue); ``--no_loader_fix`` runs it unpatche
 
 Measured per job: step time and samples/s (``Trainer.benchmark_train``, live loader), peak RSS per rank
 (VmHWM), embedding bytes per rank (``EmbeddingCollection.local_bytes``), bytes sent per rank per step
-(analytic, from the ids of real batches: ``worker.bytes_per_step``; and the system-wide loopback counter
-delta as a cross-check), and a probe loss (equal across backends when they compute the same updates).
+(analytic, from the ids of real batches: ``worker.bytes_per_step``, which counts the distinct ids per table
+that the sharded exchange sends, and every occurrence as ``before_dedup``; and the system-wide loopback
+counter delta as a cross-check), and a probe loss (equal across backends when they compute the same updates).
+
+Dedup points (``dedup_points``, ``--dedup_batch``, default 65,536): the sharded backend at that global batch
+on the same Zipf data, one job per row count at the largest ``--np``: bytes sent per rank per step with the
+exchange's per-table deduplication vs every occurrence sent (before).
 
 Targets: sharded step time within 1.2x from 1e4 to 1e7 rows; at 1e7 rows sharded >= 5x faster per step
-than the reference at the same rank count; sharded embedding bytes per rank within 5% of total / N.
+than the reference at the same rank count; sharded embedding bytes per rank within 5% of total / N; bytes
+sent per rank per step with dedup <= 0.5 x before at every dedup point.
 
 Usage::
 

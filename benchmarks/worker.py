@@ -142,7 +142,7 @@ def run_train(argv: list[str]) -> None:
     if args.breakdown:
         out["breakdown"] = breakdown(trainer, args.breakdown_steps)
     per_rank = np.array([common.peak_rss_bytes(), emb_bytes, rss0], np.float64)
-    gathered = (rt.allgather(tf.constant(per_rank[None, :]), "bench_rank_facts").numpy() if rt.size > 1
+    gathered = (np.array(rt.allgather_object(per_rank.tolist(), "bench_rank_facts")) if rt.size > 1
                 else per_rank[None, :])
     out["peak_rss_bytes_per_rank"] = [int(x) for x in gathered[:, 0]]
     out["embedding_bytes_per_rank"] = [int(x) for x in gathered[:, 1]]
