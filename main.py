@@ -12,6 +12,10 @@ def main(argv: list[str] | None = None) -> int:
     from wd_sok.config import parse_config
 
     cfg = parse_config(argv)  # before TensorFlow loads: -h and flag errors are instant
+    if cfg.plan_only:  # no TensorFlow, no ranks: a dry run of the placement planner
+        from wd_sok.embedding.plan import plan_main
+
+        return plan_main(cfg)
     from wd_sok.run import run
 
     return run(cfg)

@@ -3,6 +3,9 @@
 * Ladder (``embedding_scaling.ladder``): 1e4 and 1e6 rows per table, 1 and 2 ranks, the dense-allreduce
   reference vs the sharded backend, one repetition, 2 + 5 steps (same model, data and measurements as
   ``embedding_scaling.py``).
+* Dedup bytes (``embedding_scaling.dedup_points``): bytes sent per rank per step by the sharded backend at
+  global batch 65,536 on the ladder's Zipf data (same rows, the largest ``--np``), ids deduplicated per table
+  as the exchange does vs every occurrence sent (before): ``target dedup_bytes`` is after <= 0.5 x before.
 * Throughput: the default model (5 x 1024, baseline spec) at global batch 4096, float32, the project as is
   and with Merlin's loader thread unpatched (``--no_loader_fix``: busy-waiting), next to the measured float32
   matmul bound at the same shapes (``throughput.py``'s method, one repetition).
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 1_000_000])
     p.add_argument("--np", type=int, nargs="+", default=[1, 2], dest="nps")
     p.add_argument("--batch", type=int, default=4096, help="throughput point's global batch")
+    p.add_argument("--dedup_batch", type=int, default=65_536, help="global batch of the dedup bytes points")
     p.add_argument("--out", default="bench_quick")
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -43,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                                        hidden=[256, 256], batch=8192, warmup=2, steps=5, train_rows=60_000,
                                        timeout=600)
     ladder_rows, targets = embedding_scaling.summarize(results)
+    dedup, dedup_target = embedding_scaling.dedup_points(args.rows, max(args.nps), args.dedup_batch, dim=8,
+                                                         hidden=[256, 256], train_rows=150_000, timeout=600)
+    targets["dedup_bytes"] = {"sharded": dedup_target}
 
     spec = common.load_spec_dict("baseline")
     data = common.ensure_dataset("baseline_300000_t100k", spec, 300_000, 100_000)
@@ -62,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
                             "bound_samples_per_s": bound, "fraction_of_bound": r["train_samples_per_s"] / bound}
 
     print("\nEmbedding ladder (1 repetition):")
-    embedding_scaling.print_report(ladder_rows, targets)
+    embedding_scaling.print_report(ladder_rows, {k: v for k, v in targets.items() if k != "dedup_bytes"})
+    print(f"\nBytes sent per rank per step, sharded, global batch {args.dedup_batch}: deduplicated ids vs before:")
+    embedding_scaling.print_dedup(dedup, dedup_target)
     print(f"\nThroughput, default model fp32, batch {args.batch}; matmul {gflops:.0f} GFLOP/s -> bound {bound:,.0f} "
           f"samples/s ({fwd_bwd / 1e6:.1f} MFLOP/sample):")
     for name, point in points.items():
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(target 70%: {'MET' if point['fraction_of_bound'] >= 0.7 else 'NOT MET'})")
     elapsed = time.perf_counter() - start
     path = common.write_json(args.out, {"params": vars(args), "elapsed_s": elapsed, "ladder": ladder_rows,
-                                        "targets": targets, "throughput": points, "raw_runs": results})
+                                        "targets": targets, "dedup": dedup, "throughput": points, "raw_runs": results})
     print(f"\nbench-quick done in {elapsed / 60:.1f} min; {path}")
     return 0
 

@@ -23,11 +23,17 @@ instead of busy-waiting on its full queue); ``--no_loader_fix`` runs it unpatche
 
 Measured per job: step time and samples/s (``Trainer.benchmark_train``, live loader), peak RSS per rank
 (VmHWM), embedding bytes per rank (``EmbeddingCollection.local_bytes``), bytes sent per rank per step
-(analytic, from the ids of real batches: ``worker.bytes_per_step``; and the system-wide loopback counter
-delta as a cross-check), and a probe loss (equal across backends when they compute the same updates).
+(analytic, from the ids of real batches: ``worker.bytes_per_step``, which counts the distinct ids per table
+that the sharded exchange sends, and every occurrence as ``before_dedup``; and the system-wide loopback
+counter delta as a cross-check), and a probe loss (equal across backends when they compute the same updates).
+
+Dedup points (``dedup_points``, ``--dedup_batch``, default 65,536): the sharded backend at that global batch
+on the same Zipf data, one job per row count at the largest ``--np``: bytes sent per rank per step with the
+exchange's per-table deduplication vs every occurrence sent (before).
 
 Targets: sharded step time within 1.2x from 1e4 to 1e7 rows; at 1e7 rows sharded >= 5x faster per step
-than the reference at the same rank count; sharded embedding bytes per rank within 5% of total / N.
+than the reference at the same rank count; sharded embedding bytes per rank within 5% of total / N; bytes
+sent per rank per step with dedup <= 0.5 x before at every dedup point.
 
 Usage::
 
@@ -110,6 +116,51 @@ def ladder(rows_list: list[int], nps: list[int], backends: list[str], reps: int,
                                    f"{[round(b / 2**20) for b in r['embedding_bytes_per_rank']]} MiB, "
                                    f"sent/step {r['bytes']['total_bytes'] / 2**20:.2f} MiB")
     return results
+
+
+def dedup_points(rows_list: list[int], np_: int, batch: int, dim: int, hidden: list[int], train_rows: int,
+                 timeout: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Bytes sent per rank per step by the sharded backend at a large global batch, with the id exchange
+    deduplicated (as it is) vs every occurrence sent (``worker.bytes_per_step``'s ``before_dedup``), on the
+    ladder's Zipf data (``train_rows`` rows, enough for 2 batches per rank), one job per row count.
+
+    Returns the rows (one per row count) and the target ``dedup_bytes``: after <= 0.5 x before at every
+    point (the worst ratio reported).
+    """
+    out = []
+    with tempfile.TemporaryDirectory(prefix="wd_sok_dedup_") as tmp:
+        for rows in rows_list:
+            data = common.ensure_dataset(f"scaling_r{rows}_d{dim}_n{train_rows}", scaling_spec(rows, dim),
+                                         train_rows, 20_000, train_files=4, test_files=2)
+            flags = ["--dataset_path", str(data), "--global_batch_size", str(batch), "--eval_batch_size",
+                     str(batch), "--deep_hidden_units", *map(str, hidden), "--benchmark",
+                     "--benchmark_warmup_steps", "1", "--benchmark_steps", "2", "--model_dir", f"{tmp}/ckpt",
+                     "--results_dir", f"{tmp}/results"]
+            r = common.run_job("sharded", np_, flags, timeout, worker_flags=["--bytes"], tag=f"dedup/r{rows}")
+            b = r["bytes"]
+            out.append({"rows": rows, "np": np_, "global_batch": batch, "batches": b["batches"],
+                        "remote_ids_before": b["before_dedup"]["remote_ids_per_step"],
+                        "remote_ids_after": b["remote_ids_per_step"],
+                        "mib_before": b["before_dedup"]["total_bytes"] / 2**20,
+                        "mib_after": b["total_bytes"] / 2**20,
+                        "alltoall_mib_before": b["before_dedup"]["alltoall_bytes"] / 2**20,
+                        "alltoall_mib_after": b["alltoall_bytes"] / 2**20, "ratio": b["dedup_ratio"],
+                        "step_ms": r["step_s"] * 1e3})
+            common.log(f"dedup rows {rows:.0e} np {np_} batch {batch}: sent/rank/step {out[-1]['mib_before']:.2f} "
+                       f"-> {out[-1]['mib_after']:.2f} MiB (x{out[-1]['ratio']:.3f})")
+    worst = max(p["ratio"] for p in out)
+    target = {"goal": f"bytes sent per rank per step, dedup / before <= 0.5 (global batch {batch}, {np_} ranks, "
+                      f"rows {', '.join(f'{r:.0e}' for r in rows_list)})", "ratio": worst, "met": worst <= 0.5}
+    return out, target
+
+
+def print_dedup(points: list[dict[str, Any]], target: dict[str, Any]) -> None:
+    print(common.table(points, [
+        ("rows", "rows/table"), ("np", "np"), ("global_batch", "global batch"),
+        ("remote_ids_before", "remote ids before"), ("remote_ids_after", "after"),
+        ("mib_before", "sent MiB/rank/step before"), ("mib_after", "after"),
+        ("alltoall_mib_before", "alltoall MiB before"), ("alltoall_mib_after", "after"), ("ratio", "after/before")]))
+    print(f"target dedup_bytes: {'MET' if target['met'] else 'NOT MET'} ({target['ratio']:.3f}; {target['goal']})")
 
 
 def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -216,14 +267,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train_rows", type=int, default=100_000)
     p.add_argument("--timeout", type=float, default=1200)
     p.add_argument("--out", default="embedding_scaling")
+    p.add_argument("--dedup_batch", type=int, default=65_536, help="global batch of the dedup bytes points "
+                   "(sharded, the largest --np, every --rows); 0 skips them")
+    p.add_argument("--dedup_train_rows", type=int, default=150_000)
     args = p.parse_args(argv)
     backends = common.chosen_backends(args)
+    dedup = None
+    if args.dedup_batch:
+        dedup = dedup_points(args.rows, max(args.nps), args.dedup_batch, args.dim, args.hidden,
+                             args.dedup_train_rows, args.timeout)
     results = ladder(args.rows, args.nps, backends, args.reps, args.dim, args.hidden, args.batch, args.warmup,
                      args.steps, args.train_rows, args.timeout, loader_fix=not args.no_loader_fix)
     rows_out, targets = summarize(results)
     print_report(rows_out, targets)
+    if dedup:
+        print_dedup(*dedup)
+        targets["dedup_bytes"] = {"sharded": dedup[1]}
     path = common.write_json(args.out, {"params": {**vars(args), "backends": backends},
-                                        "results": rows_out, "targets": targets, "raw_runs": results})
+                                        "results": rows_out, "targets": targets, "raw_runs": results,
+                                        "dedup": dedup[0] if dedup else None})
     plot(rows_out, common.RESULTS / f"{args.out}.png")
     common.log(f"wrote {path}")
     return 0

@@ -142,7 +142,7 @@ def run_train(argv: list[str]) -> None:
     if args.breakdown:
         out["breakdown"] = breakdown(trainer, args.breakdown_steps)
     per_rank = np.array([common.peak_rss_bytes(), emb_bytes, rss0], np.float64)
-    gathered = (rt.allgather(tf.constant(per_rank[None, :]), "bench_rank_facts").numpy() if rt.size > 1
+    gathered = (np.array(rt.allgather_object(per_rank.tolist(), "bench_rank_facts")) if rt.size > 1
                 else per_rank[None, :])
     out["peak_rss_bytes_per_rank"] = [int(x) for x in gathered[:, 0]]
     out["embedding_bytes_per_rank"] = [int(x) for x in gathered[:, 1]]
@@ -255,10 +255,14 @@ def loopback_bytes() -> int | None:
 def bytes_per_step(trainer: Any, rt: Any, scheme: str, batches: int = 8) -> dict[str, Any]:
     """Bytes one rank sends per training step, counted analytically from the ids of real batches.
 
-    * ``sharded``: per collection (wide: dim 1, deep: dims per table), ids whose owner ``g % N`` is another
+    * ``sharded`` (``wd_sok.embedding.sharded``: distinct ids per table travel once): per collection (wide:
+      dim 1, deep: dims per table), the batch's *distinct* ids of each table whose owner ``g % N`` is another
       rank are sent as int64 keys (8 B); each comes back as a float32 vector (4 B x dim) forward, and its
-      gradient goes back to the owner (4 B x dim) backward. The MLP and the other dense weights are
-      allreduced: ring allreduce sends ``2 (N - 1) / N x 4 B x params`` per rank.
+      gradient (summed over the id's occurrences) goes back to the owner (4 B x dim) backward. The vectors a
+      rank answers are counted as the ones it asks for (the same on average over ranks). The MLP and the
+      other dense weights are allreduced: ring allreduce sends ``2 (N - 1) / N x 4 B x params`` per rank.
+      ``before_dedup`` is the same count over every occurrence (the exchange before ids were deduplicated);
+      ``dedup_ratio`` = total bytes after / before.
     * ``reference`` (and ``replicated`` with Horovod's IndexedSlices allgather, not counted here): every
       gradient, whole tables included, is allreduced densely: ``2 (N - 1) / N x 4 B x all parameters``.
     Averages over ``batches`` batches of this rank's training data; on one rank everything is 0.
@@ -275,28 +279,34 @@ def bytes_per_step(trainer: Any, rt: Any, scheme: str, batches: int = 8) -> dict
         return {"formula": "dense allreduce only (tables' IndexedSlices allgather not counted)",
                 "allreduce_bytes": ring * dense_params, "alltoall_bytes": 0.0,
                 "total_bytes": ring * dense_params}
-    remote_ids = 0.0
-    remote_floats = 0.0
+    # [occurrences, distinct] remote ids and remote vector floats (1 + deep dim per id)
+    remote_ids, remote_floats = np.zeros(2), np.zeros(2)
     seen = 0
     trainer.train_data.set_epoch(0)
     for batch in trainer.train_data:
         for name, ids in batch.categorical.items():
-            flat = ids.flat_values if hasattr(ids, "flat_values") else ids
-            owner = np.asarray(flat).astype(np.int64) % n
-            remote = float(np.sum(owner != rt.rank))
-            remote_ids += 2 * remote  # wide and deep collections each send the ids
+            flat = np.asarray(ids.flat_values if hasattr(ids, "flat_values") else ids).astype(np.int64)
+            remote = np.array([np.sum(flat % n != rt.rank), np.sum(np.unique(flat) % n != rt.rank)], float)
+            remote_ids += remote
             remote_floats += remote * (1 + model.deep_embedding.tables[name].dim)
         seen += 1
         if seen >= batches:
             break
     trainer.train_data._loader.stop()  # noqa: SLF001 - end Merlin's thread after a partial epoch
+    seen = max(seen, 1)
     remote_ids /= seen
     remote_floats /= seen
-    alltoall = remote_ids * 8 + 2 * remote_floats * 4  # keys; vectors forward + gradients backward
-    return {"formula": "alltoall: remote ids * 8 B (wide + deep) + 2 * remote vectors * 4 B * dim; "
-                       "plus ring allreduce 2(N-1)/N * 4 B * dense params",
-            "remote_ids_per_step": remote_ids / 2, "alltoall_bytes": alltoall,
-            "allreduce_bytes": ring * dense_params, "total_bytes": alltoall + ring * dense_params}
+    # keys of wide + deep, vectors forward + gradients backward
+    alltoall = 2 * remote_ids * 8 + 2 * remote_floats * 4
+    allreduce = ring * dense_params
+    before = {"remote_ids_per_step": remote_ids[0], "alltoall_bytes": alltoall[0],
+              "total_bytes": alltoall[0] + allreduce}
+    return {"formula": "alltoall: distinct remote ids per table * 8 B (wide + deep) + 2 * their vectors * 4 B "
+                       "* dim; plus ring allreduce 2(N-1)/N * 4 B * dense params",
+            "remote_ids_per_step": remote_ids[1], "alltoall_bytes": alltoall[1], "allreduce_bytes": allreduce,
+            "total_bytes": alltoall[1] + allreduce, "before_dedup": before,
+            "dedup_ratio": (alltoall[1] + allreduce) / before["total_bytes"] if before["total_bytes"] else 1.0,
+            "batches": seen}
 
 
 # ----------------------------------------------------------------------------- where the time goes

@@ -56,6 +56,41 @@ def test_one_rank_equals_replicated_forward_and_gradient() -> None:
         np.testing.assert_allclose(tf.convert_to_tensor(gs).numpy(), tf.convert_to_tensor(go).numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("traced", [False, True])
+def test_duplicates_travel_once_and_their_gradients_are_summed(traced: bool) -> None:
+    """Each distinct id of a table is looked up once: the hook's counts and the shard gradients' rows are the
+    distinct ids (numpy ``np.unique``), and values and summed gradients still equal the replicated oracle's
+    (traced too: the tf.function graph had its own shape-inference pitfall)."""
+    sharded = ShardedEmbedding(TABLES, "glorot_normal", 5, "deep", fake_runtime())
+    oracle = ReplicatedEmbedding(TABLES, "glorot_normal", 5, "deep")
+    ids = batch(40, seed=3)
+    seen: list[np.ndarray] = []
+    sharded.exchange_hook = lambda sent, received: seen.append(sent.numpy())
+
+    def run(layer: tf.keras.layers.Layer) -> tuple[dict, list]:
+        with tf.GradientTape() as tape:
+            out = layer(ids)
+            loss = tf.add_n([tf.reduce_sum(v * v) for v in out.values()])
+        return out, tape.gradient(loss, layer.trainable_variables)
+
+    if traced:
+        sharded.exchange_hook = None  # a trace-time hook would see symbolic tensors
+        out_s, grads_s = tf.function(run)(sharded)
+    else:
+        out_s, grads_s = run(sharded)
+        flat = {k: (v.flat_values if isinstance(v, tf.RaggedTensor) else v).numpy() for k, v in ids.items()}
+        distinct = [np.unique(flat[t.name]).size for t in TABLES]
+        assert [len(flat[t.name]) for t in TABLES] != distinct  # the batch does repeat ids
+        np.testing.assert_array_equal(seen[-1], [distinct])  # [N = 1, T]
+        for t, g in zip(TABLES, grads_s, strict=True):
+            np.testing.assert_array_equal(np.sort(g.indices.numpy()), np.unique(flat[t.name]))
+    out_o, grads_o = run(oracle)
+    for name in out_o:
+        np.testing.assert_allclose(out_s[name].numpy(), out_o[name].numpy(), atol=1e-7)
+    for gs, go in zip(grads_s, grads_o, strict=True):
+        np.testing.assert_allclose(tf.convert_to_tensor(gs).numpy(), tf.convert_to_tensor(go).numpy(), atol=1e-6)
+
+
 def test_traced_lookup_and_empty_batch() -> None:
     layer = ShardedEmbedding(TABLES, "glorot_normal", 0, "deep", fake_runtime())
     fn = tf.function(layer.__call__)

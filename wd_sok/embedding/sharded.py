@@ -6,17 +6,27 @@ local row ``g // N``; rank ``r`` holds ``ceil((cardinality - r) / N)`` rows, ini
 
 One lookup of the whole collection (all its tables at once) is two alltoalls forward and one backward:
 
-1. **ids.** Every table's ids are flattened and concatenated; id ``g`` of table ``t`` becomes the key
-   ``(g // N) * T + t`` for owner ``g % N``. Keys are sorted stably by ``(owner, t)`` and sent with
-   ``hvd.alltoall`` (uneven splits). The owner decodes ``t`` and the local row from each key.
+0. **distinct ids.** Every table's ids are flattened and concatenated, and one ``tf.unique`` over the pairs
+   ``(id, table)`` keeps each distinct id of a table once, with the inverse index of every occurrence. Only
+   distinct ids travel, so ids, vectors and gradients sent scale with the distinct ids per (table, owner),
+   not with the batch's occurrences (Zipf-skewed logs repeat their head ids many times per batch).
+1. **ids.** Distinct id ``g`` of table ``t`` becomes the key ``(g // N) * T + t`` for owner ``g % N``. Keys
+   are sorted stably by ``(owner, t)`` and sent with ``hvd.alltoall`` (uneven splits). The owner decodes
+   ``t`` and the local row from each key.
 2. **vectors.** The owner gathers its local rows per table (``tf.gather`` on the local variable, so the
    gradient is an IndexedSlices that stays on this rank) and answers every requester with one flat float
    buffer holding, per table in order, that requester's vectors (tables of different widths fuse into one
-   1-D alltoall). The requester cuts the buffer back into ``[n_t, dim_t]`` blocks, undoes the sort
-   (``scatter_nd``) and pools multi-hot rows (:func:`pool`).
-3. **backward.** Horovod's alltoall gradient sends the vector gradients back to the owners along the same
-   splits; ``tf.gather``'s gradient then sums every rank's contributions per local row. Hence these tables
-   are ``sparse_variables``: their gradients are already global and must never be allreduced.
+   1-D alltoall). The requester cuts the buffer back into ``[u_t, dim_t]`` blocks, undoes the sort
+   (``scatter_nd``), expands the distinct rows to every occurrence with the inverse index (:func:`expand`)
+   and pools multi-hot rows (:func:`pool`).
+3. **backward.** :func:`expand`'s gradient sums the gradients of repeated ids (``unsorted_segment_sum``
+   into a dense ``[u_t, dim_t]``) *before* Horovod's alltoall gradient sends them back to the owners along
+   the same splits (one vector per distinct id); ``tf.gather``'s gradient then sums every rank's
+   contributions per local row. Hence these tables are ``sparse_variables``: their gradients are already
+   global and must never be allreduced.
+
+``ShardedEmbedding.exchange_hook`` (None in training; a Python check at trace time) receives the [N, T]
+counts of distinct ids this rank sends and receives, which the tests and the byte benchmark read.
 
 A train step of Wide & Deep (two collections) therefore runs 4 alltoalls forward and 2 backward, whatever
 the number of tables. Every rank must run every lookup, including with an empty batch (B = 0).
@@ -24,6 +34,8 @@ With one process the exchange is the identity (no Horovod needed), which the uni
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -121,6 +133,11 @@ class ShardedEmbedding(RowShardedCollection):
         super().__init__(tables, initializer, seed, prefix, runtime, **kw)
         for t in tables:
             self.shards[t.name] = self.new_shard(t)
+        # Called at trace time (eagerly: at every lookup) with two [N, T] int32 counts: the distinct ids this
+        # rank sends to each (owner, table), and the ids it received from each (source, table) (= the vectors
+        # it answers and the gradients it gets back); None in training. Tests and the byte benchmark read
+        # the exchange through it.
+        self.exchange_hook: Callable[[tf.Tensor, tf.Tensor], None] | None = None
 
     # ------------------------------------------------------------------ lookup
     @tf.autograph.experimental.do_not_convert  # see EmbeddingCollection.call
@@ -141,7 +158,7 @@ class ShardedEmbedding(RowShardedCollection):
 
     @tf.autograph.experimental.do_not_convert  # plain Python over tables: trace as is (much faster)
     def _exchange(self, flat: list[tf.Tensor]) -> list[tf.Tensor]:
-        """Look up every table's flat ids on their owners.
+        """Look up every table's flat ids on their owners, each distinct id of a table once.
 
         Args:
             flat: per table, [n_t] int64 global row ids (any order, duplicates allowed).
@@ -150,9 +167,12 @@ class ShardedEmbedding(RowShardedCollection):
         """
         n_ranks, n_tables = self.world, len(self.names)
         dims = [self.tables[name].dim for name in self.names]
-        sizes = [tf.size(f, out_type=tf.int32) for f in flat]
-        ids = tf.concat(flat, 0)
-        table = tf.repeat(tf.range(n_tables, dtype=tf.int32), tf.stack(sizes))
+        # 0. distinct (table, id) pairs: one tf.unique over all tables; first occurrences keep table order
+        counts = tf.stack([tf.size(f, out_type=tf.int32) for f in flat])
+        table_of = tf.repeat(tf.range(n_tables, dtype=tf.int64), counts)
+        uniq, inverse = tf.unique(tf.concat(flat, 0) * n_tables + table_of, out_idx=tf.int32)
+        ids, table = uniq // n_tables, tf.cast(uniq % n_tables, tf.int32)
+        sizes = tf.unstack(tf.math.bincount(table, minlength=n_tables, maxlength=n_tables), num=n_tables)
         owner = tf.cast(ids % n_ranks, tf.int32)
         keys = (ids // n_ranks) * n_tables + tf.cast(table, tf.int64)
 
@@ -166,6 +186,8 @@ class ShardedEmbedding(RowShardedCollection):
         recv_local = recv_keys // n_tables
         source = tf.repeat(tf.range(n_ranks, dtype=tf.int32), recv_splits)
         recv_counts = _counts(source * n_tables + recv_table, n_ranks, n_tables)  # [N, T]
+        if self.exchange_hook is not None:
+            self.exchange_hook(send_counts, recv_counts)
 
         # 2. local gathers; answer each source with [its table-0 rows, its table-1 rows, ...] flattened
         pieces: list[list[tf.Tensor]] = [[] for _ in range(n_ranks)]
@@ -178,16 +200,20 @@ class ShardedEmbedding(RowShardedCollection):
         width = tf.constant(dims, tf.int32)
         back, _ = self._alltoall(answer, tf.reduce_sum(recv_counts * width, 1), "vectors")
 
-        # 3. cut the answers per (owner, table), undo the sort within each table
+        # 3. cut the answers per (owner, table), undo the sort within each table, expand the duplicates
         parts = tf.split(back, tf.reshape(send_counts * width, [-1]), num=n_ranks * n_tables)
         position = tf.dynamic_partition(order, tf.gather(table, order), n_tables)
         starts = tf.math.cumsum(tf.stack(sizes), exclusive=True)
+        # tf.split, not tf.dynamic_partition: with the latter, grappler's shape inference mis-sized the
+        # traced pooling gradient ("Incompatible shapes" in RaggedReduceSum's gradient, TF 2.15)
+        inverse_by_table = tf.split(inverse, counts, num=n_tables)
         out = []
         for t, dim in enumerate(dims):
             sorted_rows = tf.concat([tf.reshape(parts[d * n_tables + t], [-1, dim])
-                                     for d in range(n_ranks)], 0)                  # [n_t, dim_t]
+                                     for d in range(n_ranks)], 0)                  # [u_t, dim_t]
             index = (position[t] - starts[t])[:, None]
-            out.append(tf.scatter_nd(index, sorted_rows, tf.stack([sizes[t], dim])))
+            distinct = tf.scatter_nd(index, sorted_rows, tf.stack([sizes[t], dim]))  # [u_t, dim_t]
+            out.append(expand(distinct, inverse_by_table[t] - starts[t]))        # [n_t, dim_t]
         return out
 
     def _alltoall(self, tensor: tf.Tensor, splits: tf.Tensor, what: str) -> tuple[tf.Tensor, tf.Tensor]:
@@ -195,6 +221,24 @@ class ShardedEmbedding(RowShardedCollection):
         if self.world == 1:
             return tensor, splits
         return self.runtime.hvd.alltoall(tensor, splits=splits, name=f"{self.prefix}_emb_{what}")
+
+
+@tf.custom_gradient
+def expand(distinct: tf.Tensor, inverse: tf.Tensor) -> tuple[tf.Tensor, Callable]:
+    """``tf.gather(distinct, inverse)``: the rows of the distinct ids back in the order of all ids.
+
+    Args:
+        distinct: [u, dim] float32 rows of the distinct ids.
+        inverse: [n] int32 position in ``distinct`` of each id.
+    Returns:
+        [n, dim] float32; its gradient is the dense [u, dim] segment sum of the [n, dim] upstream gradient
+        over ``inverse`` (explicit, so that duplicates are summed here, before the backward alltoall, and no
+        IndexedSlices reaches the exchange).
+    """
+    def grad(dy: tf.Tensor) -> tuple[tf.Tensor, None]:
+        return tf.math.unsorted_segment_sum(dy, inverse, tf.shape(distinct)[0]), None
+
+    return tf.gather(distinct, inverse), grad
 
 
 def _counts(bucket: tf.Tensor, n_ranks: int, n_tables: int) -> tf.Tensor:

@@ -1,0 +1,110 @@
+"""Placement planner (wd_sok.embedding.plan): cost model by hand, policies, budget refusals, --plan_only."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import main
+from wd_sok.config import parse_config
+from wd_sok.embedding.plan import PlanError, distinct_ids, make_plan, row_bytes
+from wd_sok.feature_spec import TableConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = [TableConfig("tiny", 4, 8), TableConfig("small", 1500, 8), TableConfig("big", 1_000_003, 16),
+          TableConfig("multi", 50_000, 8, 3, True, "sum")]
+
+
+def test_row_bytes_and_distinct_ids_by_hand() -> None:
+    # wide value + 2 FTRL slots + deep 8 values + 8 rms + last = 20 floats
+    assert row_bytes(8) == 80
+    assert distinct_ids(0, 10) == 0.0 and distinct_ids(5, 1) == 1.0
+    assert distinct_ids(2, 4) == pytest.approx(4 * (1 - 0.75**2))  # 1.75
+    rng = np.random.default_rng(0)
+    draws = [np.unique(rng.integers(0, 1000, 700)).size for _ in range(400)]
+    assert distinct_ids(700, 1000) == pytest.approx(np.mean(draws), rel=0.01)
+
+
+def test_row_policy_costs_by_hand() -> None:
+    plan = make_plan(TABLES, 3, 6144, policy="row")
+    big = next(t for t in plan.tables if t.name == "big")
+    assert big.placement == "row_wise" and big.ranks == (0, 1, 2)
+    assert big.bytes_per_rank == tuple(float(math.ceil((1_000_003 - r) / 3) * row_bytes(16)) for r in range(3))
+    assert sum(big.bytes_per_rank) == big.bytes_total == 1_000_003 * row_bytes(16)
+    u = distinct_ids(2048, 1_000_003)
+    assert big.lookups_per_rank == 2048 and big.distinct_per_rank == pytest.approx(u)
+    # keys wide + deep (2 x 8 B), vectors forward + gradients back (2 x 4 B x (16 + 1)), 2 of 3 ids remote
+    assert big.sent_per_rank[0] == pytest.approx(u * 2 / 3 * (16 + 2 * 4 * 17))
+    multi = next(t for t in plan.tables if t.name == "multi")
+    assert multi.lookups_per_rank == 2048 * 3  # max_hotness bound
+    assert make_plan(TABLES, 1, 6144, policy="row").sent_per_rank() == [0.0]
+
+
+def test_replicated_policy_picks_the_cheaper_reduction_and_refuses_saying_by_how_much() -> None:
+    plan = make_plan(TABLES, 2, 4096, policy="replicated")
+    tiny = next(t for t in plan.tables if t.name == "tiny")
+    big = next(t for t in plan.tables if t.name == "big")
+    assert tiny.reduction == "dense" and tiny.sent_per_rank[0] == pytest.approx(1.0 * 4 * 9 * 4)
+    u = distinct_ids(2048, 1_000_003)
+    assert big.reduction == "sparse" and big.sent_per_rank[0] == pytest.approx(u * (16 + 4 * 17))
+    need = max(plan.bytes_per_rank())
+    with pytest.raises(PlanError, match=r"rank 0 needs .* GB .*: 0\.010 GB short"):
+        make_plan(TABLES, 2, 4096, need - 0.01e9, policy="replicated")
+
+
+def test_auto_replicates_tiny_tables_shards_big_ones_and_stays_in_budget() -> None:
+    row = make_plan(TABLES, 4, 8192, policy="row")
+    auto = make_plan(TABLES, 4, 8192, policy="auto")
+    where = {t.name: t.placement for t in auto.tables}
+    assert where["tiny"] == "replicated" and where["big"] == "row_wise"
+    assert where["small"] in ("replicated", "table_wise")  # 1500 rows < 4 x 1024: never split row-wise
+    # replication only where cheaper; table-wise moves bytes between ranks, not their total
+    assert sum(auto.sent_per_rank()) <= sum(row.sent_per_rank()) * (1 + 1e-9)
+    small = next(t for t in auto.tables if t.name == "small")
+    if small.placement == "table_wise":
+        u = distinct_ids(2048, 1500)
+        assert small.sent_per_rank[small.ranks[0]] == pytest.approx(3 * u * 4 * 9)  # answers 3 ranks
+        assert sum(small.sent_per_rank) == pytest.approx(3 * u * (16 + 2 * 4 * 9))  # = row-wise's total
+    # a budget with room for the row-wise tables but not for replicating 'multi' (4 MB whole) keeps it sharded
+    budget = max(row.bytes_per_rank()) + 1e6
+    tight = make_plan(TABLES, 4, 8192, budget, policy="auto")
+    assert max(tight.bytes_per_rank()) <= budget
+    assert {t.name: t.placement for t in tight.tables}["multi"] == "row_wise"
+    # nothing fits: the row-wise plan (the least memory) is refused, with the shortfall
+    with pytest.raises(PlanError, match="short"):
+        make_plan(TABLES, 4, 8192, max(row.bytes_per_rank()) / 2, policy="auto")
+
+
+def grown_outbrain(tmp_path: Path, rows: int) -> Path:
+    """The Outbrain spec with its id tables (ad, document, promoted document) grown to ``rows`` rows."""
+    spec = yaml.safe_load((ROOT / "data/outbrain_feature_spec.yaml").read_text())
+    for name in ("ad_id", "document_id", "document_id_promo"):
+        spec["feature_spec"][name]["cardinality"] = rows
+    (tmp_path / "feature_spec.yaml").write_text(yaml.safe_dump(spec))
+    return tmp_path
+
+
+def test_plan_only_prints_a_cluster_plan_and_refuses_one_that_does_not_fit(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    data = grown_outbrain(tmp_path, 1_000_000_000)
+    flags = ["--plan_only", "--dataset_path", str(data), "--world_size", "64", "--global_batch_size", "131072"]
+    assert main.main([*flags, "--device_memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "64 ranks" in out and "projected per rank" in out
+    line = next(x for x in out.splitlines() if x.startswith("ad_id "))
+    assert "1,000,000,000" in line and "row_wise" in line and "0-63" in line
+    # 3e9 rows x row_bytes(128) / 64 ranks = 48.2 GB per rank at least
+    assert main.main([*flags, "--device_memory", "40"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "GB short" in err and err.count("\n") == 1
+
+
+def test_plan_flags_outside_plan_only_are_refused(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--embedding_plan", "auto"])
+    assert e.value.code == 2 and "--embedding_plan is only used with --plan_only" in capsys.readouterr().err
+    assert parse_config(["--plan_only", "--world_size", "8", "--device_memory", "16"]).world_size == 8
