@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, tiny_spec_dict
-from wd_sok.feature_spec import FeatureSpec, SpecError
+from wd_sok.feature_spec import DynamicConfig, FeatureSpec, SpecError
 
 
 def _mutated(fn) -> dict:  # noqa: ANN001
@@ -140,3 +140,40 @@ def test_default_dtypes_when_undeclared() -> None:
         props.pop("dtype")
     spec = FeatureSpec.from_dict(raw)
     assert [spec.dtype(n) for n in ("a", "m", "x1", "y", "d")] == ["int32", "int32", "float32", "float32", "int64"]
+
+
+# ---- dynamic tables and placement overrides (issues 14 and 16)
+def _spec_with(props: dict) -> dict:
+    return {"channel_spec": {"onehot_categorical": ["uid"], "label": ["y"]},
+            "feature_spec": {"uid": {"embedding_dim": 8, **props}, "y": {}},
+            "source_spec": {m: [{"type": "parquet", "features": ["uid", "y"], "files": ["a.parquet"]}]
+                            for m in ("train", "test")}}
+
+
+def test_dynamic_feature_becomes_a_table_with_its_rules():
+    spec = FeatureSpec.from_dict(_spec_with({"dynamic": {"capacity": 1000, "min_count": 3, "evict": "lfu"}}))
+    (table,) = spec.tables({"uid": 8})
+    assert table.cardinality == 1000 and table.dynamic == DynamicConfig(1000, 3, "lfu")
+    assert spec.dtype("uid") == "int64" and spec.dynamic_features == ["uid"]
+    (fixed,) = FeatureSpec.from_dict(_spec_with({"cardinality": 5, "placement": "replicated"})).tables({"uid": 8})
+    assert fixed.dynamic is None and fixed.placement == "replicated"
+    assert FeatureSpec.from_dict(_spec_with({"dynamic": {"capacity": 7}})).dynamic("uid") == DynamicConfig(7, 1, "lru")
+
+
+@pytest.mark.parametrize("props, message", [
+    ({"cardinality": 5, "dynamic": {"capacity": 10}}, "both 'dynamic' and 'cardinality'"),
+    ({"dynamic": {"capacity": 0}}, "capacity must be an integer >= 1, got 0"),
+    ({"dynamic": {}}, "capacity must be an integer >= 1, got None"),
+    ({"dynamic": {"capacity": 10, "evict": "fifo"}}, "unknown eviction policy 'fifo'"),
+    ({"dynamic": {"capacity": 10, "min_count": 0}}, "min_count must be an integer >= 1, got 0"),
+    ({"dynamic": {"capacity": 10, "ttl": 3}}, "dynamic: unknown key 'ttl'"),
+    ({"dynamic": 10}, "'dynamic' must be a mapping"),
+    ({"dynamic": {"capacity": 10}, "dtype": "float32"}, "needs an integer dtype"),
+    ({"dynamic": {"capacity": 10}, "placement": "replicated"}, "placed by key hash"),
+    ({"cardinality": 5, "placement": "everywhere"}, "unknown placement 'everywhere'"),
+])
+def test_bad_dynamic_or_placement_is_one_line_naming_file_and_feature(props, message):
+    with pytest.raises(SpecError) as e:
+        FeatureSpec.from_dict(_spec_with(props), origin="spec.yaml")
+    text = str(e.value)
+    assert message in text and text.startswith("spec.yaml: feature 'uid': ") and "\n" not in text

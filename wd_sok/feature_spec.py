@@ -11,11 +11,18 @@ The YAML format follows NVIDIA DeepLearningExamples' WideAndDeep (TF2)::
     feature_spec:            # what each feature is
       ad_id: {cardinality: 250000, dtype: int32, embedding_dim: 128}
       topic_id_list: {cardinality: 350, max_hotness: 3, embedding_dim: 64}
+      uuid: {dynamic: {capacity: 1000000, min_count: 2, evict: lru}, dtype: int64, embedding_dim: 64}
+      platform: {cardinality: 4, embedding_dim: 16, placement: replicated}
       ad_id_ctr: {dtype: float32}
     source_spec:             # where it is stored; paths relative to the YAML's folder
       train: [{type: parquet, features: [...], files: [train/part_0.parquet, ...]}]
       test:  [{type: parquet, features: [...], files: [test/part_0.parquet, ...]}]
     metadata: {}
+
+A categorical feature either has a fixed ``cardinality`` (ids in [0, cardinality)) or is ``dynamic``: any
+int64 id, rows handed out by hash tables (``capacity`` rows over all ranks; an id gets a row once seen
+``min_count`` times; at capacity rows are evicted by ``evict``: ``lru``, ``lfu`` or ``none``). ``placement``
+(``replicated``, ``table_wise`` or ``row_wise``) overrides the planner's choice for a fixed table.
 
 Every rule violation raises :class:`SpecError` with one line naming the file, the feature and the rule.
 """
@@ -40,7 +47,10 @@ TRAIN = "train"
 TEST = "test"
 MAPPINGS = (TRAIN, TEST)
 TOP_KEYS = ("channel_spec", "feature_spec", "source_spec", "metadata")
-FEATURE_KEYS = ("dtype", "cardinality", "max_hotness", "embedding_dim")
+FEATURE_KEYS = ("dtype", "cardinality", "max_hotness", "embedding_dim", "dynamic", "placement")
+DYNAMIC_KEYS = ("capacity", "min_count", "evict")
+EVICT_POLICIES = ("lru", "lfu", "none")
+PLACEMENTS = ("replicated", "table_wise", "row_wise")
 CHUNK_KEYS = ("type", "features", "files")
 INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32")
 FLOAT_DTYPES = ("float16", "float32", "float64")
@@ -54,6 +64,16 @@ class SpecError(ValueError):
 
 
 @dataclass(frozen=True)
+class DynamicConfig:
+    """A dynamic (hash-table) table's rules: ``capacity`` rows over all ranks, admission after ``min_count``
+    sightings, eviction policy ``evict`` ("lru", "lfu" or "none": when full, new ids read the zero row)."""
+
+    capacity: int
+    min_count: int = 1
+    evict: str = "lru"
+
+
+@dataclass(frozen=True)
 class TableConfig:
     """What an embedding table is (not where it lives).
 
@@ -64,6 +84,10 @@ class TableConfig:
         max_hotness: most ids per row; 1 for one-hot features.
         multihot: rows are id lists (pooled by ``combiner``) rather than one id.
         combiner: pooling of multi-hot rows, "sum" or "mean" (mean divides by the row's id count).
+        dynamic: None for a fixed table; else its hash-table rules (``cardinality`` is then its capacity,
+            and ids are any int64).
+        placement: the spec's placement override ("replicated", "table_wise", "row_wise"), "" to let the
+            planner choose.
     """
 
     name: str
@@ -72,6 +96,8 @@ class TableConfig:
     max_hotness: int = 1
     multihot: bool = False
     combiner: str = "sum"
+    dynamic: DynamicConfig | None = None
+    placement: str = ""
 
 
 @dataclass
@@ -174,13 +200,30 @@ class FeatureSpec:
         declared = self.feature_spec.get(name, {}).get("dtype")
         if declared:
             return str(declared)
+        if isinstance(self.feature_spec.get(name), dict) and "dynamic" in self.feature_spec[name]:
+            return "int64"  # raw ids
         for channel in CHANNELS:
             if name in self.channel(channel):
                 return DEFAULT_DTYPES[channel]
         raise SpecError(f"{self.origin}: feature '{name}': not in any channel")
 
     def cardinality(self, name: str) -> int:
-        return int(self.feature_spec[name]["cardinality"])
+        """Rows of ``name``'s table: its ``cardinality``, or a dynamic feature's ``capacity``."""
+        dyn = self.dynamic(name)
+        return dyn.capacity if dyn is not None else int(self.feature_spec[name]["cardinality"])
+
+    def dynamic(self, name: str) -> DynamicConfig | None:
+        """The feature's :class:`DynamicConfig`, or None for a fixed-cardinality feature."""
+        raw = self.feature_spec[name].get("dynamic")
+        if raw is None:
+            return None
+        return DynamicConfig(capacity=int(raw["capacity"]), min_count=int(raw.get("min_count", 1)),
+                             evict=str(raw.get("evict", "lru")))
+
+    @property
+    def dynamic_features(self) -> list[str]:
+        """Categorical features with dynamic tables, in categorical order."""
+        return [n for n in self.categorical if self.feature_spec[n].get("dynamic") is not None]
 
     def max_hotness(self, name: str) -> int:
         return int(self.feature_spec[name].get("max_hotness", 1))
@@ -224,7 +267,8 @@ class FeatureSpec:
     def tables(self, dims: dict[str, int], combiner: str = "sum") -> list[TableConfig]:
         """Deep-part table configs in the stable categorical order (use dims of 1 for the wide part)."""
         return [TableConfig(name=n, cardinality=self.cardinality(n), dim=dims[n], max_hotness=self.max_hotness(n),
-                            multihot=n in self.multihot, combiner=combiner if n in self.multihot else "sum")
+                            multihot=n in self.multihot, combiner=combiner if n in self.multihot else "sum",
+                            dynamic=self.dynamic(n), placement=str(self.feature_spec[n].get("placement", "")))
                 for n in self.categorical]
 
     # ----------------------------------------------------------------- validation
@@ -266,6 +310,10 @@ class FeatureSpec:
             if unknown:
                 raise self._fail(name, f"unknown key '{unknown[0]}' (allowed: {', '.join(FEATURE_KEYS)})")
         for name in self.categorical:
+            if "dynamic" in self.feature_spec[name]:
+                self._validate_dynamic(name)
+                continue
+            self._validate_placement(name)
             card = self.feature_spec[name].get("cardinality")
             if not isinstance(card, int) or isinstance(card, bool) or card < 1:
                 raise self._fail(name, f"categorical feature needs an integer cardinality >= 1, got {card!r}")
@@ -287,12 +335,43 @@ class FeatureSpec:
             if dtype not in FLOAT_DTYPES:
                 raise self._fail(name, f"{'label' if name == self.label else 'numerical'} feature needs a "
                                        f"float dtype, got '{dtype}'")
-            for key in ("cardinality", "max_hotness", "embedding_dim"):
+            for key in ("cardinality", "max_hotness", "embedding_dim", "dynamic", "placement"):
                 if key in self.feature_spec[name]:
                     raise self._fail(name, f"'{key}' is only for categorical features")
         for name in self.channel(MAP):
             if self.dtype(name) not in INT_DTYPES:
                 raise self._fail(name, f"map feature needs an integer dtype, got '{self.dtype(name)}'")
+
+    def _validate_dynamic(self, name: str) -> None:
+        """Rules of a ``dynamic: {capacity, min_count, evict}`` feature."""
+        props = self.feature_spec[name]
+        dyn = props["dynamic"]
+        if "cardinality" in props:
+            raise self._fail(name, "has both 'dynamic' and 'cardinality'; a dynamic table has no fixed "
+                                   "cardinality (its ids are any int64): keep one")
+        if "placement" in props:
+            raise self._fail(name, "a dynamic table is placed by key hash; 'placement' is only for fixed tables")
+        if not isinstance(dyn, dict):
+            raise self._fail(name, f"'dynamic' must be a mapping with keys {', '.join(DYNAMIC_KEYS)}, got {dyn!r}")
+        unknown = sorted(set(dyn) - set(DYNAMIC_KEYS))
+        if unknown:
+            raise self._fail(name, f"dynamic: unknown key '{unknown[0]}' (allowed: {', '.join(DYNAMIC_KEYS)})")
+        for key, default in (("capacity", None), ("min_count", 1)):
+            value = dyn.get(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise self._fail(name, f"dynamic: {key} must be an integer >= 1, got {value!r}")
+        evict = dyn.get("evict", "lru")
+        if evict not in EVICT_POLICIES:
+            raise self._fail(name, f"dynamic: unknown eviction policy {evict!r} (allowed: "
+                                   f"{', '.join(EVICT_POLICIES)})")
+        dtype = self.dtype(name)
+        if dtype not in INT_DTYPES:
+            raise self._fail(name, f"categorical feature needs an integer dtype, got '{dtype}'")
+
+    def _validate_placement(self, name: str) -> None:
+        placement = self.feature_spec[name].get("placement")
+        if placement is not None and placement not in PLACEMENTS:
+            raise self._fail(name, f"unknown placement {placement!r} (allowed: {', '.join(PLACEMENTS)})")
 
     def _validate_sources(self, world_size: int, allow_csv: bool) -> None:
         for mapping, chunks in self.source_spec.items():

@@ -42,12 +42,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from wd_sok.feature_spec import TableConfig
+from wd_sok.feature_spec import PLACEMENTS, TableConfig
 
 if TYPE_CHECKING:
     from wd_sok.config import Config
 
-PLACEMENTS = ("replicated", "table_wise", "row_wise")
 POLICIES = ("auto", "row", "replicated")
 MIN_ROWS_PER_SHARD = 1024
 WIDE_FLOATS_PER_ROW = 3   # value + FTRL accumulator + linear
