@@ -49,22 +49,22 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return common.make_dataset(tmp_path_factory.mktemp("dist_data"))
 
 
-@pytest.mark.parametrize("ranks,combiners", [(2, ["sum", "mean"]), (3, ["mean"])])
+@pytest.mark.parametrize("ranks,cases", [(2, ["sum:row", "mean:mixed"]), (3, ["mean:row", "sum:mixed"])])
 def test_sharded_matches_replicated(hvd_run: str, data: Path, tmp_path: Path, ranks: int,
-                                    combiners: list[str]) -> None:
-    """Forward and weights after 1 and 10 real train steps, plus per-rank memory share.
+                                    cases: list[str]) -> None:
+    """Forward and weights after 1 and 10 real train steps, plus per-rank memory share, for every table
+    row-wise and for a mixed plan (row-wise, table-wise, replicated reduced sparse and dense at once).
 
     Every run covers both poolings: the wide tables always sum (dim 1, one-hot and multi-hot) and the deep
-    multi-hot tables use ``--combiner``; at 3 ranks only ``mean`` is run (for time), so deep ``sum`` is
-    checked at 2 ranks and wide ``sum`` at both.
+    multi-hot tables use the case's combiner.
     """
     out = tmp_path / "parity.json"
-    args = ["tests/dist/parity.py", "--data", str(data), "--out", str(out), "--combiners", *combiners]
+    args = ["tests/dist/parity.py", "--data", str(data), "--out", str(out), "--cases", *cases]
     common.check(common.launch(ranks, args, LIMIT))
     report = json.loads(out.read_text())
     assert report["ranks"] == ranks and report["failures"] == []
-    for combiner in combiners:
-        r = report["combiners"][combiner]
+    for combiner in cases:
+        r = report["cases"][combiner]
         assert r["backend"] == "sharded" and r["steps"] == 10
         for key in ("forward_0", "forward_1", "forward_10", "weights_1", "weights_10"):
             assert r[key] <= 1e-5, (combiner, key, r[key])

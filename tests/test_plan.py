@@ -103,8 +103,13 @@ def test_plan_only_prints_a_cluster_plan_and_refuses_one_that_does_not_fit(tmp_p
     assert "does not fit" in err and "GB short" in err and err.count("\n") == 1
 
 
-def test_plan_flags_outside_plan_only_are_refused(capsys: pytest.CaptureFixture) -> None:
-    with pytest.raises(SystemExit) as e:
-        parse_config(["--embedding_plan", "auto"])
-    assert e.value.code == 2 and "--embedding_plan is only used with --plan_only" in capsys.readouterr().err
+def test_plan_flags_that_cannot_apply_are_refused(capsys: pytest.CaptureFixture) -> None:
+    assert parse_config(["--embedding_plan", "auto", "--device_memory", "16"]).embedding_plan == "auto"
+    for flags, message in ((["--embedding_plan", "auto", "--embedding_backend", "replicated"],
+                            "--embedding_backend replicated holds every table on every rank"),
+                           (["--embedding_plan", "auto", "--embedding_backend", "sok"], "use --embedding_plan row"),
+                           (["--world_size", "8"], "--world_size is for --plan_only")):
+        with pytest.raises(SystemExit) as e:
+            parse_config(flags)
+        assert e.value.code == 2 and message in capsys.readouterr().err
     assert parse_config(["--plan_only", "--world_size", "8", "--device_memory", "16"]).world_size == 8

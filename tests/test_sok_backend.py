@@ -143,4 +143,4 @@ def test_sok_matches_replicated(tmp_path: Path, ranks: int) -> None:
                                    "--backend", "sok", "--atol", "1e-4"], timeout=600, extra_env=env_gpus)
     common.check(result)
     report = json.loads(out.read_text())
-    assert report["failures"] == [] and report["combiners"]["sum"]["backend"] == "sok"
+    assert report["failures"] == [] and report["cases"]["sum:row"]["backend"] == "sok"

@@ -78,17 +78,17 @@ class Config:
                                 "ranks with TF alltoall, or sharded by SOK on GPUs (auto: sok if GPUs and SOK "
                                 "are present, else sharded with >1 rank, else replicated)",
                                 "model construction", choices=list(BACKENDS))
-    embedding_plan: str = _f("", "Placement policy of the planner (wd_sok.embedding.plan): auto (cost model: "
-                             "replicate where cheaper, small tables whole on one rank, else row-wise), row "
-                             "(all row-wise) or replicated; used by --plan_only only so far (training places "
-                             "tables by --embedding_backend); empty: auto", "model construction",
+    embedding_plan: str = _f("", "Placement of the sharded backend's tables (wd_sok.embedding.plan): auto (cost "
+                             "model: replicate where cheaper, small tables whole on one rank, else row-wise), "
+                             "row (all row-wise) or replicated; a feature's spec 'placement' overrides it; "
+                             "empty: auto for the sharded backend, row for sok", "model construction",
                              choices=["", "auto", "row", "replicated"])
     plan_only: bool = _f(False, "Print the embedding placement plan (table, rows, dim, bytes, placement, "
                          "ranks, projected bytes per rank) for --world_size ranks and --device_memory GB per "
                          "rank, then exit (exit 2 if it does not fit)", "model construction")
     world_size: int = _f(0, "Ranks to plan for with --plan_only (0: 1)", "model construction")
     device_memory: float = _f(0.0, "Memory per rank for embedding tables and their optimizer slots, in GB "
-                              "(1e9 bytes), with --plan_only (0: unlimited)", "model construction")
+                              "(1e9 bytes): the planner's budget (0: unlimited)", "model construction")
     # run mode parameters
     num_auc_thresholds: int = _f(8000, "Histogram buckets of the streaming AUC", "run mode parameters")
     disable_map_calculation: bool = _f(False, "Skip MAP@12 (for specs without a map channel)",
@@ -164,12 +164,13 @@ def check_config(cfg: Config) -> list[str]:
         problems.append("--benchmark times --benchmark_steps steps; do not combine it with --max_steps")
     if cfg.checkpoint_steps < 0:
         problems.append(f"--checkpoint_steps must be >= 0, got {cfg.checkpoint_steps}")
-    if cfg.embedding_plan and not cfg.plan_only:
-        problems.append("--embedding_plan is only used with --plan_only so far (training places tables by "
-                        "--embedding_backend)")
-    if (cfg.world_size or cfg.device_memory) and not cfg.plan_only:
-        problems.append("--world_size and --device_memory are for --plan_only (a run's world size is its rank "
-                        "count)")
+    if cfg.embedding_plan and cfg.embedding_backend == "replicated" and not cfg.plan_only:
+        problems.append("--embedding_plan places the sharded backend's tables; --embedding_backend replicated "
+                        "holds every table on every rank")
+    if cfg.embedding_plan not in ("", "row") and cfg.embedding_backend == "sok":
+        problems.append("--embedding_backend sok places every table row-wise; use --embedding_plan row")
+    if cfg.world_size and not cfg.plan_only:
+        problems.append("--world_size is for --plan_only (a run's world size is its rank count)")
     if cfg.world_size < 0 or cfg.device_memory < 0:
         problems.append(f"--world_size and --device_memory must be >= 0, got {cfg.world_size}, "
                         f"{cfg.device_memory}")

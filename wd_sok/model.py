@@ -127,3 +127,8 @@ class WideDeepModel(tf.keras.Model):
     def sparse_variables(self) -> list[tf.Variable]:
         """Sharded embedding tables: gradients stay local, never allreduced."""
         return self.wide_embedding.sparse_variables + self.deep_embedding.sparse_variables
+
+    @property
+    def dense_reduced_variables(self) -> list[tf.Variable]:
+        """Replicated tables whose gradients are reduced dense (see ``EmbeddingCollection``)."""
+        return self.wide_embedding.dense_reduced_variables + self.deep_embedding.dense_reduced_variables

@@ -20,6 +20,7 @@ from wd_sok.data.batch import Batch, head, pad_batch, real_rows
 from wd_sok.data.loader import DataLoader
 from wd_sok.distributed import Runtime
 from wd_sok.embedding import make_embedding, resolve_backend
+from wd_sok.embedding.plan import make_plan
 from wd_sok.feature_spec import TEST, TRAIN, FeatureSpec, SpecError
 from wd_sok.metrics import StreamingAuc, StreamingBce, StreamingMap, auc_from_counts
 from wd_sok.model import WideDeepModel
@@ -57,10 +58,11 @@ class Trainer:
         cat = self.spec.categorical
         wide_tables = self.spec.tables(dict.fromkeys(cat, 1), combiner="sum")
         deep_tables = self.spec.tables(self.dims, combiner=cfg.combiner)
+        placements = self.plan.placements() if self.plan is not None else None
         self.model = WideDeepModel(
             cat, len(self.spec.numerical),
-            make_embedding(self.backend, wide_tables, "zeros", cfg.seed, "wide", runtime),
-            make_embedding(self.backend, deep_tables, "glorot_normal", cfg.seed, "deep", runtime),
+            make_embedding(self.backend, wide_tables, "zeros", cfg.seed, "wide", runtime, placements),
+            make_embedding(self.backend, deep_tables, "glorot_normal", cfg.seed, "deep", runtime, placements),
             cfg.deep_hidden_units, cfg.deep_dropout, compute_dtype=self.compute, seed=cfg.seed, rank=runtime.rank,
             xla=cfg.xla)
         self.wide_opt = tf.keras.optimizers.legacy.Ftrl(cfg.linear_learning_rate)
@@ -104,6 +106,11 @@ class Trainer:
             raise ValueError(f"--global_batch_size {cfg.global_batch_size} is larger than the training set "
                              f"({self.train_data.total_rows} rows over {runtime.size} rank(s)); lower it")
         self.dims = self.spec.embedding_dims(cfg.embedding_sizes_file or None)
+        self.plan = None  # where the sharded backend's tables live (the replicated backend: everywhere)
+        if self.backend in ("sharded", "sok"):
+            policy = cfg.embedding_plan or ("auto" if self.backend == "sharded" else "row")
+            self.plan = make_plan(self.spec.tables(self.dims, cfg.combiner), runtime.size, cfg.global_batch_size,
+                                  cfg.device_memory * 1e9, policy)
 
     @property
     def rows_per_epoch(self) -> int:
@@ -127,6 +134,9 @@ class Trainer:
         self.log.info(f"{self.parameter_count():,} parameters, backend {self.backend}, {self.rt.size} rank(s), "
                       f"{self.steps_per_epoch} steps/epoch of {self.local_batch * self.rt.size} samples: "
                       f"{self.rows_per_epoch:,} of {total:,} training rows per epoch")
+        if self.plan is not None:
+            for line in self.plan.format().splitlines():
+                self.log.info(line)
         if self.restored:
             self.log.info(self.restored)
 
@@ -160,7 +170,8 @@ class Trainer:
         if self.saved_step == self.global_step:
             return None
         meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "seed": self.cfg.seed, "config": _jsonable(self.cfg), "backend": self.backend}
+                "seed": self.cfg.seed, "config": _jsonable(self.cfg), "backend": self.backend,
+                "embedding_plan": self.plan.policy if self.plan is not None else "replicated"}
         dense = dense_state(self.model, self.wide_opt, self.deep_opt) if self.rt.is_chief else None
         out = checkpoint.save(self.cfg.model_dir, self.global_step,
                               table_states(self.model, self.wide_opt, self.deep_opt), dense, meta, self.rt,

@@ -1,8 +1,9 @@
 """Parity of an embedding backend with the replicated oracle, under ``horovodrun -np N`` (or one process).
 
-For each combiner (sum, mean) two real :class:`wd_sok.train.Trainer` s are built from the same config and
-seed: one with the backend under test (``--backend``, default sharded), one replicated (whose table
-gradients Horovod allreduces). Each rank feeds both the same batches of its own data shard to the real
+For each case ``combiner:plan`` (combiner sum or mean; plan ``row``: every table row-wise, ``auto``: the
+planner's choice, ``mixed``: every placement at once through the spec's overrides, see :data:`MIXED`) two
+real :class:`wd_sok.train.Trainer` s are built from the same config and seed: one with the backend under test
+(``--backend``, default sharded), one replicated (whose table gradients Horovod allreduces). Each rank feeds both the same batches of its own data shard to the real
 train steps. Checked (max over ranks, atol ``--atol``):
 
 * forward probabilities on an eval batch before training and after 1 and 10 optimizer steps;
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -34,6 +36,12 @@ from wd_sok.train import Trainer  # noqa: E402
 from tests.dist.state import gathered_state  # noqa: E402
 
 CHECK_AFTER = (1, 10)
+# every placement in one model (tests/dist/common.py's features): a row-wise table, a replicated one reduced
+# sparse (1001 rows, ~24 touched per rank), a replicated one reduced dense (13 rows, all touched), and two
+# table-wise ones (whose owners the planner picks: the ranks sending least)
+MIXED = {"a": "row_wise", "b": "replicated", "p": "table_wise", "m": "table_wise", "n": "replicated"}
+EXPECTED_MIXED = {"a": {"kind": "row_wise"}, "b": {"kind": "replicated", "reduction": "sparse"},
+                  "n": {"kind": "replicated", "reduction": "dense"}}
 REALISTIC = [TableConfig("big", 100_000, 16), TableConfig("mid", 25_013, 16), TableConfig("tiny", 4, 16),
              TableConfig("wide", 100_003, 1)]
 
@@ -51,17 +59,33 @@ def state_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> tuple[floa
     return max(diffs, default=0.0), missing
 
 
-def run_combiner(rt: Runtime, data: str, backend: str, combiner: str, tmp: Path) -> dict:
+def mixed_spec(data: str, rank: int) -> str:
+    """A copy of ``data``'s spec with :data:`MIXED` placement overrides (one file per rank: no race)."""
+    spec = yaml.safe_load((Path(data) / "feature_spec.yaml").read_text())
+    for name, placement in MIXED.items():
+        spec["feature_spec"][name]["placement"] = placement
+    name = f"feature_spec_mixed_r{rank}.yaml"
+    (Path(data) / name).write_text(yaml.safe_dump(spec, sort_keys=False))
+    return name
+
+
+def run_case(rt: Runtime, data: str, backend: str, case: str, tmp: Path) -> dict:
+    combiner, plan = case.split(":")
     cfg = Config(dataset_path=data, global_batch_size=48, eval_batch_size=48, num_epochs=1, seed=3,
                  deep_hidden_units=[16, 16], deep_dropout=0.1, combiner=combiner, deep_learning_rate=0.01,
                  deep_warmup_epochs=0.0, linear_learning_rate=0.1, model_dir=str(tmp / "ckpt"),
                  results_dir=str(tmp / "results"))
-    test = Trainer(cfg.replace(embedding_backend=backend), rt)
+    if plan == "mixed":
+        cfg = cfg.replace(fspec_file=mixed_spec(data, rt.rank))
+    test = Trainer(cfg.replace(embedding_backend=backend, embedding_plan="row" if plan == "row" else "auto"), rt)
     oracle = Trainer(cfg.replace(embedding_backend="replicated"), rt)
     test.train_data.set_epoch(0)
     batches = [b for _, b in zip(range(max(CHECK_AFTER)), test.train_data, strict=False)]
     probe = next(iter(test.eval_data))
-    report = {"backend": test.backend, "forward_0": 0.0}
+    report = {"backend": test.backend, "forward_0": 0.0,
+              "placements": {n: test.model.deep_embedding.placement(n).describe() for n in test.spec.categorical},
+              "wide_placements": {n: test.model.wide_embedding.placement(n).describe()
+                                  for n in test.spec.categorical}}
     p0 = np.abs(test.eval_step(probe).numpy() - oracle.eval_step(probe).numpy()).max(initial=0.0)
     report["forward_0"] = max_over_ranks(rt, float(p0), f"fwd0_{combiner}")
     initial = gathered_state(oracle.model, oracle.wide_opt, oracle.deep_opt, rt)
@@ -99,7 +123,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--backend", default="sharded")
     parser.add_argument("--atol", type=float, default=1e-5)
-    parser.add_argument("--combiners", nargs="+", default=["sum", "mean"])
+    parser.add_argument("--cases", nargs="+", default=["sum:row", "mean:row"], help="combiner:plan ...")
     args = parser.parse_args()
     rt = Runtime()
     gpus = tf.config.list_physical_devices("GPU")
@@ -108,12 +132,12 @@ def main() -> int:
         tf.config.set_visible_devices([gpu], "GPU")
         tf.config.experimental.set_memory_growth(gpu, True)
     tmp = Path(args.out).parent / f"parity_rank{rt.rank}"
-    report = {"ranks": rt.size, "combiners": {}}
-    for combiner in args.combiners:
-        report["combiners"][combiner] = run_combiner(rt, args.data, args.backend, combiner, tmp)
+    report = {"ranks": rt.size, "cases": {}}
+    for case in args.cases:
+        report["cases"][case] = run_case(rt, args.data, args.backend, case, tmp)
     report["memory"] = memory_report(rt, args.backend)
     failures = []
-    for combiner, r in report["combiners"].items():
+    for combiner, r in report["cases"].items():
         for key, value in r.items():
             if key.startswith(("forward_", "weights_", "loss_")) and not value <= args.atol:
                 failures.append(f"{combiner}: {key} = {value:.3g} > {args.atol}")
@@ -123,13 +147,18 @@ def main() -> int:
             failures.append(f"{combiner}: some table barely trained (max change {r['moved_tables']:.3g})")
         if r["steps"] < max(CHECK_AFTER):
             failures.append(f"{combiner}: only {r['steps']} training batches")
+        if combiner.endswith(":mixed"):
+            kinds = {n: p["kind"] for n, p in r["placements"].items()}
+            if kinds != MIXED or any(r["placements"][n] != p for n, p in EXPECTED_MIXED.items()) \
+                    or r["wide_placements"] != r["placements"]:
+                failures.append(f"{combiner}: placements {r['placements']} (wide {r['wide_placements']})")
     if report["memory"]["worst_rel_deviation"] > 0.05:
         failures.append(f"memory: a rank holds {report['memory']['worst_rel_deviation']:.1%} off total/N")
     report["failures"] = failures
     if rt.is_chief:
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(("PARITY PASS" if not failures else "PARITY FAIL") + f" ({rt.size} ranks, {args.backend}): "
-              + ("; ".join(failures) or json.dumps(report["combiners"])), flush=True)
+              + ("; ".join(failures) or json.dumps(report["cases"])), flush=True)
     return 1 if failures else 0
 
 

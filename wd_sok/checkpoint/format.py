@@ -9,11 +9,13 @@ Layout of ``<model_dir>/ckpt-<step>/`` (written as ``.tmp-ckpt-<step>-<pid>/`` a
                                        ("rms", "accumulator", "linear"): a standard .npy [count, dim] float32
 
 The manifest (JSON; :data:`VERSION` 1) holds: ``format``, ``version``, ``step``, ``epoch``, ``step_in_epoch``,
-``seed``, ``backend``, ``world_size`` (of the writer), the resolved ``config``, per table
-``{cardinality, dim, dtype, arrays, placement, shards: [{rank, start, stride, count, files: {array: name}}]}``
-and per file ``{bytes, crc32}``. Row ``i`` of a shard file is global row ``start + i * stride``: the global id
-of every row is in the manifest, not implied by the writer's rank count, so a reader under any rank count and
-backend reads, of each file, only the row ranges holding rows it owns (and never a whole table it does not).
+``seed``, ``backend``, ``embedding_plan`` (the writer's policy), ``world_size`` (of the writer), the resolved
+``config``, per table ``{cardinality, dim, dtype, arrays, placement, plan, shards: [{rank, start, stride, count,
+files: {array: name}}]}`` (``plan``: where the writer held the table, ``{kind: row_wise|table_wise|replicated,
+owner?, reduction?}``, informational: readers go by the shards' rows) and per file ``{bytes, crc32}``.
+Row ``i`` of a shard file is global row ``start + i * stride``: the global id of every row is in the
+manifest, not implied by the writer's rank count, so a reader under any rank count and backend reads,
+of each file, only the row ranges holding rows it owns (and never a whole table it does not).
 """
 
 from __future__ import annotations

@@ -89,8 +89,8 @@ def save(model_dir: str | Path, step: int, tables: list[TableState], dense: dict
         try:
             if outcome["error"]:
                 raise CheckpointError(outcome["error"])
-            info = {s.key: {"cardinality": s.table.cardinality, "dim": s.table.dim, "dtype": "float32"}
-                    for s in tables}
+            info = {s.key: {"cardinality": s.table.cardinality, "dim": s.table.dim, "dtype": "float32",
+                            "plan": s.collection.placement(s.table.name).describe()} for s in tables}
             _commit(tmp, final, step, records, dense, {**meta, "tables": info}, runtime.size)
             for old in list_checkpoints(model_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from wd_sok.distributed import Runtime
-from wd_sok.embedding.base import EmbeddingCollection
+from wd_sok.embedding.base import EmbeddingCollection, Placement
 from wd_sok.feature_spec import TableConfig
 
 
@@ -21,9 +21,11 @@ def resolve_backend(name: str, world: int, gpu: bool) -> str:
 
 
 def make_embedding(backend: str, tables: list[TableConfig], initializer: str, seed: int,
-                   prefix: str, runtime: Runtime | None) -> EmbeddingCollection:
+                   prefix: str, runtime: Runtime | None,
+                   placements: dict[str, Placement] | None = None) -> EmbeddingCollection:
     """Build the embedding layer of ``backend`` ('replicated', 'sharded' or 'sok') for ``tables`` (``runtime``
-    may be None for a lone replicated model)."""
+    may be None for a lone replicated model). ``placements`` (feature -> :class:`Placement`, from
+    :func:`wd_sok.embedding.plan.make_plan`) places the sharded backend's tables; row-wise when absent."""
     if backend == "replicated":
         from wd_sok.embedding.replicated import ReplicatedEmbedding
 
@@ -32,8 +34,11 @@ def make_embedding(backend: str, tables: list[TableConfig], initializer: str, se
     if backend == "sharded":
         from wd_sok.embedding.sharded import ShardedEmbedding
 
-        return ShardedEmbedding(tables, initializer, seed, prefix, runtime)
+        return ShardedEmbedding(tables, initializer, seed, prefix, runtime, placements)
     if backend == "sok":
+        if placements and any(p.kind != "row_wise" for p in placements.values()):
+            raise ValueError("the sok backend places every table row-wise (SOK's distributed mode); use "
+                             "--embedding_plan row with it")
         from wd_sok.embedding.sok import SokEmbedding
 
         return SokEmbedding(tables, initializer, seed, prefix, runtime)

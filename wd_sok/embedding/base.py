@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from wd_sok.embedding.plan import ROW_WISE, Placement  # noqa: F401 - re-exported for the backends
 from wd_sok.feature_spec import TableConfig
 from wd_sok.optim import read_slot, slot_names, write_slot  # noqa: F401 - re-exported for the backends
 
@@ -63,6 +64,8 @@ def initial_rows(table: TableConfig, rows: np.ndarray, seed: int, kind: str) -> 
         sel = blocks == block
         out[sel] = vals[rows[sel] - block * ROW_BLOCK] * std
     return out
+
+
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,16 @@ class EmbeddingCollection(tf.keras.layers.Layer):
     def sparse_variables(self) -> list[tf.Variable]:
         """Variables whose gradients must NOT be dense-allreduced (sharded tables); [] when replicated."""
         return []
+
+    @property
+    def dense_reduced_variables(self) -> list[tf.Variable]:
+        """Replicated tables whose gradient is cheaper reduced dense (a dense allreduce of [rows, dim]) than
+        as the allgather of the touched rows; the train step densifies their gradients before reducing."""
+        return []
+
+    def placement(self, name: str) -> Placement:
+        """Where table ``name`` lives (recorded in checkpoint manifests; restore may use another)."""
+        return ROW_WISE
 
     def local_bytes(self) -> int:
         """Bytes of embedding values held by this rank."""

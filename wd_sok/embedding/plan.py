@@ -30,9 +30,15 @@ sending least so far (the same bytes in total over ranks as row-wise, but the ow
 others, since it answers every rank). A plan that does not fit is refused (:class:`PlanError`, saying by
 how much).
 
+A feature whose spec says ``placement: replicated|table_wise|row_wise`` keeps it under every policy (a
+table-wise one goes to the rank sending least); a dynamic (hash-table) feature is placed by key hash and
+costed as row-wise.
+
+Training with the sharded backend builds its tables from :meth:`Plan.placements` (``--embedding_plan``,
+default auto; the budget is ``--device_memory``); the plan is printed at start and recorded per table in the
+checkpoint manifest, which stays placement-independent (restore may use another plan).
 ``python main.py --plan_only --world_size W --device_memory GB [--embedding_plan auto]`` prints the plan for
-a cluster that need not be here. The backends do not take mixed plans yet (training places tables by
-``--embedding_backend``).
+a cluster that need not be here.
 """
 
 from __future__ import annotations
@@ -51,6 +57,35 @@ POLICIES = ("auto", "row", "replicated")
 MIN_ROWS_PER_SHARD = 1024
 WIDE_FLOATS_PER_ROW = 3   # value + FTRL accumulator + linear
 KEY_BYTES = 8
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one table lives (chosen by :mod:`wd_sok.embedding.plan`; the model never sees it).
+
+    Attributes:
+        kind: "row_wise" (row g on rank g % N), "table_wise" (the whole table on rank ``owner``) or
+            "replicated" (the whole table on every rank, its gradient reduced across ranks).
+        owner: the rank holding a table-wise table.
+        reduction: a replicated table's gradient reduction, "sparse" (allgather of the rows each rank touched,
+            summed per distinct id first) or "dense" (allreduce of the whole [rows, dim] gradient).
+    """
+
+    kind: str = "row_wise"
+    owner: int = 0
+    reduction: str = "sparse"
+
+    def describe(self) -> dict[str, object]:
+        """What the checkpoint manifest records for the table."""
+        out: dict[str, object] = {"kind": self.kind}
+        if self.kind == "table_wise":
+            out["owner"] = self.owner
+        if self.kind == "replicated":
+            out["reduction"] = self.reduction
+        return out
+
+
+ROW_WISE = Placement()
 
 
 class PlanError(ValueError):
@@ -111,6 +146,12 @@ class Plan:
     budget_bytes: float
     tables: tuple[TablePlan, ...] = field(default=())
 
+    def placements(self) -> dict[str, Placement]:
+        """Feature -> :class:`Placement` for the backends (dynamic features are placed by their own backend)."""
+        return {t.name: Placement(t.placement, t.ranks[0] if t.placement == "table_wise" else 0,
+                                  t.reduction or "sparse")
+                for t in self.tables if t.placement in PLACEMENTS}
+
     def bytes_per_rank(self) -> list[float]:
         """[N] bytes held per rank, all features."""
         return [sum(t.bytes_per_rank[r] for t in self.tables) for r in range(self.world_size)]
@@ -157,7 +198,7 @@ def _costs(table: TableConfig, placement: str, world: int, global_batch: int, ow
     lookups = global_batch / n * (table.max_hotness if table.multihot else 1)
     u = distinct_ids(lookups, rows)
     vec = 4.0 * (d + 1)  # one wide + one deep vector (or gradient)
-    if placement == "row_wise":
+    if placement in ("row_wise", "dynamic"):  # a dynamic table's keys spread over ranks by hash
         held = tuple(float(math.ceil(max(rows - r, 0) / n) * rb) for r in range(n))
         sent = tuple(u * (n - 1) / n * (2 * KEY_BYTES + 2 * vec) for _ in range(n))
         ranks = tuple(range(n))
@@ -174,7 +215,7 @@ def _costs(table: TableConfig, placement: str, world: int, global_batch: int, ow
         sent = tuple((dense if reduction == "dense" else sparse) for _ in range(n))
         ranks = tuple(range(n))
     else:
-        raise ValueError(f"unknown placement {placement!r}; expected one of {PLACEMENTS}")
+        raise ValueError(f"unknown placement {placement!r}; expected one of {PLACEMENTS} or 'dynamic'")
     if n == 1:
         sent = (0.0,)
     return TablePlan(table.name, rows, d, placement, ranks, rows * rb, held, lookups, u, sent,
@@ -190,13 +231,20 @@ def make_plan(tables: list[TableConfig], world_size: int, global_batch: int, bud
     if world_size < 1:
         raise ValueError(f"world size must be >= 1, got {world_size}")
     n = world_size
+    fixed = {t.name for t in tables if t.placement or t.dynamic is not None}  # the spec decides these
+    start = "replicated" if policy == "replicated" else "row_wise"
+    chosen = {t.name: _costs(t, "dynamic" if t.dynamic is not None else t.placement or start, n, global_batch)
+              for t in tables}
+    for name, p in list(chosen.items()):  # table-wise overrides: the rank sending least so far answers
+        if p.placement == "table_wise" and n > 1:
+            sent = [sum(q.sent_per_rank[r] for q in chosen.values() if q.placement != "table_wise")
+                    for r in range(n)]
+            chosen[name] = _costs(next(t for t in tables if t.name == name), "table_wise", n, global_batch,
+                                  owner=min(range(n), key=sent.__getitem__))
     if policy != "auto":
-        placement = "row_wise" if policy == "row" else "replicated"
-        plan = Plan(policy, n, global_batch, budget_bytes,
-                    tuple(_costs(t, placement, n, global_batch) for t in tables))
+        plan = Plan(policy, n, global_batch, budget_bytes, tuple(chosen[t.name] for t in tables))
         plan.check_fits()
         return plan
-    chosen = {t.name: _costs(t, "row_wise", n, global_batch) for t in tables}
     Plan(policy, n, global_batch, budget_bytes, tuple(chosen.values())).check_fits()  # the least memory there is
     held = [sum(p.bytes_per_rank[r] for p in chosen.values()) for r in range(n)]
 
@@ -212,7 +260,7 @@ def make_plan(tables: list[TableConfig], world_size: int, global_batch: int, bud
 
     # 1. replicate where the gradient reduction is cheaper than the exchange: best saving per extra byte first
     offers = []
-    for t in tables:
+    for t in (t for t in tables if t.name not in fixed):
         rep, row = _costs(t, "replicated", n, global_batch), chosen[t.name]
         saving = max(row.sent_per_rank) - max(rep.sent_per_rank)
         if n == 1 or saving > 0:
@@ -223,7 +271,8 @@ def make_plan(tables: list[TableConfig], world_size: int, global_batch: int, bud
             swap(rep)
     # 2. small tables left row-wise: whole on the least-loaded rank
     for t in sorted(tables, key=lambda t: -t.cardinality * row_bytes(t.dim)):
-        if chosen[t.name].placement == "row_wise" and n > 1 and t.cardinality < n * MIN_ROWS_PER_SHARD:
+        if (chosen[t.name].placement == "row_wise" and t.name not in fixed and n > 1
+                and t.cardinality < n * MIN_ROWS_PER_SHARD):
             sent = [sum(p.sent_per_rank[r] for p in chosen.values()) for r in range(n)]
             owner = min(range(n), key=lambda r: (sent[r], held[r]))  # the owner answers every rank
             whole = _costs(t, "table_wise", n, global_batch, owner=owner)

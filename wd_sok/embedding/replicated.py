@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from wd_sok.embedding.base import EmbeddingCollection, RowMap, fill_initial, pool, strided_rows
+from wd_sok.embedding.base import EmbeddingCollection, Placement, RowMap, fill_initial, pool, strided_rows
 from wd_sok.feature_spec import TableConfig
 
 
@@ -40,6 +40,9 @@ class ReplicatedEmbedding(EmbeddingCollection):
 
     def table_variable(self, name: str) -> tf.Variable:
         return self.weights_by_name[name]
+
+    def placement(self, name: str) -> Placement:
+        return Placement("replicated")
 
     def saved_rows(self, name: str) -> RowMap:
         card = self.tables[name].cardinality

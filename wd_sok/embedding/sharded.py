@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from wd_sok.distributed import Runtime
-from wd_sok.embedding.base import EmbeddingCollection, RowMap, fill_initial, pool, strided_rows
+from wd_sok.embedding.base import ROW_WISE, EmbeddingCollection, Placement, RowMap, fill_initial, pool, strided_rows
 from wd_sok.feature_spec import TableConfig
 
 Ids = tf.Tensor | tf.RaggedTensor
@@ -72,33 +72,58 @@ def checked_ids(x: Ids, table: TableConfig, prefix: str) -> tf.Tensor:
 
 
 class RowShardedCollection(EmbeddingCollection):
-    """What the sharded and SOK backends share: row g of a table on rank g % N, and its checkpoint rows.
+    """What the sharded and SOK backends share: each table placed by its :class:`Placement`, and its
+    checkpoint rows.
 
-    Subclasses fill ``self.shards`` (feature name -> this rank's [ceil((cardinality - rank) / N), dim]
-    variable, local row l = global row rank + l * N) and implement ``call``.
+    * row-wise: row g on rank g % N, local row g // N (``[ceil((cardinality - rank) / N), dim]`` per rank);
+    * table-wise: the whole ``[cardinality, dim]`` table on rank ``owner``, a ``[0, dim]`` variable elsewhere;
+    * replicated: the whole table on every rank (each saves rows ``rank::N`` of it).
+
+    Subclasses fill ``self.shards`` (feature name -> this rank's variable) and implement ``lookup``.
     """
 
     def __init__(self, tables: list[TableConfig], initializer: str, seed: int, prefix: str,
-                 runtime: Runtime, **kw) -> None:
+                 runtime: Runtime, placements: dict[str, Placement] | None = None, **kw) -> None:
         super().__init__(tables, initializer, seed, prefix, **kw)
         self.runtime = runtime
         self.world, self.rank = runtime.size, runtime.rank
         self.names = [t.name for t in tables]
+        self.placements = {t.name: (placements or {}).get(t.name, ROW_WISE) for t in tables}
+        for name, p in self.placements.items():
+            if p.kind not in ("row_wise", "table_wise", "replicated") or not 0 <= p.owner < self.world:
+                raise ValueError(f"{prefix} embedding: feature '{name}': bad placement {p} for {self.world} ranks")
         self.shards: dict[str, tf.Variable] = {}
 
+    def placement(self, name: str) -> Placement:
+        return self.placements[name]
+
+    def held_rows(self, name: str) -> int:
+        """Rows of table ``name`` in this rank's variable."""
+        p, card = self.placements[name], self.tables[name].cardinality
+        if p.kind == "row_wise":
+            return strided_rows(card, self.rank, self.world)
+        return card if p.kind == "replicated" or p.owner == self.rank else 0
+
     def new_shard(self, table: TableConfig) -> tf.Variable:
-        """This rank's [ceil((cardinality - rank) / N), dim] float32 variable of ``table`` with its initial
-        rows (:func:`initial_rows` of exactly its global rows), filled block by block (no full-size copy)."""
-        var = tf.Variable(tf.zeros([local_rows(table.cardinality, self.rank, self.world).size, table.dim]),
-                          name=f"{self.prefix}/{table.name}", trainable=True)
-        fill_initial(var, table, self.saved_rows(table.name), self.seed, self.initializer)
+        """This rank's variable of ``table`` (see the class) with its initial rows (:func:`initial_rows` of
+        exactly its global rows, so values never depend on the placement), filled block by block."""
+        var = tf.Variable(tf.zeros([self.held_rows(table.name), table.dim]), name=f"{self.prefix}/{table.name}",
+                          trainable=True)
+        p = self.placements[table.name]
+        rows = RowMap(0, 1, table.cardinality) if p.kind == "replicated" else self.saved_rows(table.name)
+        fill_initial(var, table, rows, self.seed, self.initializer)
         return var
 
     # ------------------------------------------------------------------ training / checkpoints
     @property
     def sparse_variables(self) -> list[tf.Variable]:
-        """This rank's table shards: their gradients arrive already summed over ranks."""
-        return list(self.shards.values())
+        """Row-wise and table-wise tables: their gradients arrive already summed over ranks."""
+        return [v for n, v in self.shards.items() if self.placements[n].kind != "replicated"]
+
+    @property
+    def dense_reduced_variables(self) -> list[tf.Variable]:
+        return [v for n, v in self.shards.items()
+                if self.placements[n].kind == "replicated" and self.placements[n].reduction == "dense"]
 
     def local_bytes(self) -> int:
         return int(sum(np.prod(v.shape) * v.dtype.size for v in self.shards.values()))
@@ -107,14 +132,26 @@ class RowShardedCollection(EmbeddingCollection):
         return self.shards[name]
 
     def saved_rows(self, name: str) -> RowMap:
-        """Global rows ``rank, rank + N, ...``: the whole local shard, in local order."""
-        card = self.tables[name].cardinality
-        return RowMap(start=self.rank, stride=self.world, count=strided_rows(card, self.rank, self.world))
+        """Row-wise: global rows ``rank, rank + N, ...`` (the whole local shard); table-wise: every row on the
+        owner, none elsewhere; replicated: rows ``rank::N`` of the local copy."""
+        p, card = self.placements[name], self.tables[name].cardinality
+        count = strided_rows(card, self.rank, self.world)
+        if p.kind == "row_wise":
+            return RowMap(start=self.rank, stride=self.world, count=count)
+        if p.kind == "replicated":
+            return RowMap(start=self.rank, stride=self.world, count=count, vstart=self.rank, vstride=self.world)
+        return RowMap(start=0, stride=1, count=card if p.owner == self.rank else 0)
 
     def owned(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows with ``g % N == rank``, at local row ``g // N``."""
-        mask = rows % self.world == self.rank
-        return mask, rows[mask] // self.world
+        """Row-wise: rows with ``g % N == rank``, at local row ``g // N``; table-wise: all rows on the owner,
+        none elsewhere; replicated: every row, at its own index."""
+        p = self.placements[name]
+        if p.kind == "row_wise":
+            mask = rows % self.world == self.rank
+            return mask, rows[mask] // self.world
+        if p.kind == "replicated" or p.owner == self.rank:
+            return np.ones(rows.shape, bool), rows
+        return np.zeros(rows.shape, bool), rows[:0]
 
 
 class ShardedEmbedding(RowShardedCollection):
@@ -129,10 +166,12 @@ class ShardedEmbedding(RowShardedCollection):
     """
 
     def __init__(self, tables: list[TableConfig], initializer: str, seed: int, prefix: str,
-                 runtime: Runtime, **kw) -> None:
-        super().__init__(tables, initializer, seed, prefix, runtime, **kw)
+                 runtime: Runtime, placements: dict[str, Placement] | None = None, **kw) -> None:
+        super().__init__(tables, initializer, seed, prefix, runtime, placements, **kw)
         for t in tables:
             self.shards[t.name] = self.new_shard(t)
+        # the tables that go through the exchange (row- and table-wise), in table order
+        self.exchanged = [n for n in self.names if self.placements[n].kind != "replicated"]
         # Called at trace time (eagerly: at every lookup) with two [N, T] int32 counts: the distinct ids this
         # rank sends to each (owner, table), and the ids it received from each (source, table) (= the vectors
         # it answers and the gradients it gets back); None in training. Tests and the byte benchmark read
@@ -145,10 +184,15 @@ class ShardedEmbedding(RowShardedCollection):
         """Pooled vectors ``{name: [B, dim] float32}`` for one-hot [B] or ragged [B, (k)] ids."""
         if not self.names:
             return {}
-        flat = [checked_ids(ids[name], self.tables[name], self.prefix) for name in self.names]
-        vectors = self._exchange(flat)
+        flat = {name: checked_ids(ids[name], self.tables[name], self.prefix) for name in self.names}
+        vectors = dict(zip(self.exchanged, self._exchange([flat[n] for n in self.exchanged]), strict=True))
+        for name in self.names:
+            if name not in vectors:  # replicated: a local gather of the distinct ids, their gradients summed
+                uniq, inverse = tf.unique(flat[name], out_idx=tf.int32)
+                vectors[name] = expand(tf.gather(self.shards[name], uniq), inverse)
         out = {}
-        for name, v in zip(self.names, vectors, strict=True):
+        for name in self.names:
+            v = vectors[name]
             x, table = ids[name], self.tables[name]
             if isinstance(x, tf.RaggedTensor):
                 out[name] = pool(x.with_flat_values(v), table.combiner)
@@ -165,16 +209,25 @@ class ShardedEmbedding(RowShardedCollection):
         Returns:
             per table, [n_t, dim_t] float32 rows, in the order of ``flat``.
         """
-        n_ranks, n_tables = self.world, len(self.names)
-        dims = [self.tables[name].dim for name in self.names]
+        if not flat:
+            return []
+        n_ranks, n_tables = self.world, len(self.exchanged)
+        dims = [self.tables[name].dim for name in self.exchanged]
         # 0. distinct (table, id) pairs: one tf.unique over all tables; first occurrences keep table order
         counts = tf.stack([tf.size(f, out_type=tf.int32) for f in flat])
         table_of = tf.repeat(tf.range(n_tables, dtype=tf.int64), counts)
         uniq, inverse = tf.unique(tf.concat(flat, 0) * n_tables + table_of, out_idx=tf.int32)
         ids, table = uniq // n_tables, tf.cast(uniq % n_tables, tf.int32)
         sizes = tf.unstack(tf.math.bincount(table, minlength=n_tables, maxlength=n_tables), num=n_tables)
-        owner = tf.cast(ids % n_ranks, tf.int32)
-        keys = (ids // n_ranks) * n_tables + tf.cast(table, tf.int64)
+        kinds = [self.placements[name] for name in self.exchanged]
+        if all(p.kind == "row_wise" for p in kinds):
+            owner, local = tf.cast(ids % n_ranks, tf.int32), ids // n_ranks
+        else:  # table-wise tables: owner fixed per table, local row = global row
+            row_wise = tf.gather(tf.constant([p.kind == "row_wise" for p in kinds]), table)
+            owner = tf.where(row_wise, tf.cast(ids % n_ranks, tf.int32),
+                             tf.gather(tf.constant([p.owner for p in kinds], tf.int32), table))
+            local = tf.where(row_wise, ids // n_ranks, ids)
+        keys = local * n_tables + tf.cast(table, tf.int64)
 
         # 1. ids to their owners, sorted by (owner, table)
         bucket = owner * n_tables + table
@@ -192,7 +245,7 @@ class ShardedEmbedding(RowShardedCollection):
         # 2. local gathers; answer each source with [its table-0 rows, its table-1 rows, ...] flattened
         pieces: list[list[tf.Tensor]] = [[] for _ in range(n_ranks)]
         rows_by_table = tf.dynamic_partition(recv_local, recv_table, n_tables)
-        for t, name in enumerate(self.names):
+        for t, name in enumerate(self.exchanged):
             rows = tf.gather(self.shards[name], rows_by_table[t])             # [m_t, dim_t], source-major
             for s, part in enumerate(tf.split(rows, recv_counts[:, t], num=n_ranks)):
                 pieces[s].append(tf.reshape(part, [-1]))
