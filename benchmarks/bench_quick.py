@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     start = time.perf_counter()
 
-    results = embedding_scaling.ladder(args.rows, args.nps, ["reference", "sharded"], reps=1, dim=8,
+    results = embedding_scaling.ladder(args.rows, args.nps, ["reference", "sharded", "planned"], reps=1, dim=8,
                                        hidden=[256, 256], batch=8192, warmup=2, steps=5, train_rows=60_000,
                                        timeout=600)
     ladder_rows, targets = embedding_scaling.summarize(results)

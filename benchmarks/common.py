@@ -257,15 +257,17 @@ BACKENDS: dict[str, tuple[str, list[str], list[str]]] = {
     # the reference: replicated tables, dense-converted allreduce of every gradient, dense RMSprop decay
     "reference": ("replicated", ["--scheme", "reference"], ["--rmsprop_update", "dense"]),
     "replicated": ("replicated", [], []),                        # this project's replicated backend as is
-    "sharded": ("sharded", [], []),                              # this project's sharded backend as is
+    "sharded": ("sharded", [], ["--embedding_plan", "row"]),      # every table row-wise (g % N)
+    "planned": ("sharded", [], ["--embedding_plan", "auto"]),     # the sharded backend as is: the planner's plan
     # sharded with Keras' legacy sparse RMSprop (decays every row every step): what the lazy update saves
-    "sharded_dense_decay": ("sharded", [], ["--rmsprop_update", "dense"]),
+    "sharded_dense_decay": ("sharded", [], ["--rmsprop_update", "dense", "--embedding_plan", "row"]),
 }
 
 
 def add_backend_args(parser: Any) -> None:
     """``--backends``, ``--dense_decay`` and ``--no_loader_fix``, shared by the scripts that compare backends."""
-    parser.add_argument("--backends", nargs="+", default=["reference", "sharded"], choices=list(BACKENDS))
+    parser.add_argument("--backends", nargs="+", default=["reference", "sharded", "planned"],
+                        choices=list(BACKENDS))
     parser.add_argument("--dense_decay", action="store_true", help="add the sharded_dense_decay backend")
     parser.add_argument("--no_loader_fix", action="store_true", help="run Merlin's loader thread unpatched "
                         "(busy-waiting on its queue; see wd_sok.data.merlin_compat)")

@@ -12,7 +12,10 @@ Backends (``common.BACKENDS``; every job is ``benchmarks/worker.py train`` under
 
 * ``reference``: the reference's scheme (replicated tables; every gradient, tables included, converted to
   dense and allreduced; dense optimizer update of all rows): ``worker.ReferenceRuntime``;
-* ``sharded``: this project's ``--embedding_backend sharded`` as is;
+* ``sharded``: this project's ``--embedding_backend sharded`` with every table row-wise (``--embedding_plan
+  row``);
+* ``planned``: the sharded backend as is (``--embedding_plan auto``: the planner replicates, places whole on
+  one rank or shards each table, ``wd_sok.embedding.plan``);
 * ``sharded_dense_decay`` (with ``--dense_decay``): sharded with ``--rmsprop_update dense``, Keras' legacy
   sparse RMSprop that decays the whole ``rms`` slot of every table every step (the default ``lazy`` update
   makes the same weight updates at O(touched rows), ``wd_sok.optim.LazyRMSprop``): shows what the legacy
@@ -31,7 +34,8 @@ Dedup points (``dedup_points``, ``--dedup_batch``, default 65,536): the sharded 
 on the same Zipf data, one job per row count at the largest ``--np``: bytes sent per rank per step with the
 exchange's per-table deduplication vs every occurrence sent (before).
 
-Targets: sharded step time within 1.2x from 1e4 to 1e7 rows; at 1e7 rows sharded >= 5x faster per step
+Targets: planned step time <= 1.05 x min(reference, sharded) at every (rows, ranks) point; sharded step
+time within 1.2x from 1e4 to 1e7 rows; at 1e7 rows sharded >= 5x faster per step
 than the reference at the same rank count; sharded embedding bytes per rank within 5% of total / N; bytes
 sent per rank per step with dedup <= 0.5 x before at every dedup point.
 
@@ -189,8 +193,19 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict
         return next((r for r in rows_out if (r["backend"], r["np"], r["rows"]) == (backend, np_, rows)), None)
 
     lo_rows, hi_rows = min(r["rows"] for r in rows_out), max(r["rows"] for r in rows_out)
-    targets: dict[str, Any] = {"flat_step_time": {}, "speedup_at_max_rows": {}, "bytes_per_rank": {}}
-    for backend in ("sharded", "sharded_dense_decay"):
+    targets: dict[str, Any] = {"planned_step": {}, "flat_step_time": {}, "speedup_at_max_rows": {},
+                               "bytes_per_rank": {}}
+    for r in rows_out:
+        if r["backend"] != "planned":
+            continue
+        others = [o for o in (get("reference", r["np"], r["rows"]), get("sharded", r["np"], r["rows"])) if o]
+        if others:
+            best = min(others, key=lambda o: o["step_ms"])
+            ratio = r["step_ms"] / best["step_ms"]
+            targets["planned_step"][f"np{r['np']}/r{r['rows']:.0e}"] = {
+                "goal": f"planned step / min(reference, sharded) step <= 1.05 (min: {best['backend']})",
+                "ratio": ratio, "met": ratio <= 1.05}
+    for backend in ("sharded", "planned", "sharded_dense_decay"):
         for np_ in sorted({r["np"] for r in rows_out}):
             a, b = get(backend, np_, lo_rows), get(backend, np_, hi_rows)
             if a and b:

@@ -275,6 +275,14 @@ def bytes_per_step(trainer: Any, rt: Any, scheme: str, batches: int = 8) -> dict
     if scheme == "reference":
         return {"formula": "ring allreduce of every gradient, whole tables included: 2(N-1)/N * 4 B * params",
                 "allreduce_bytes": ring * all_params, "alltoall_bytes": 0.0, "total_bytes": ring * all_params}
+    plan = getattr(trainer, "plan", None)
+    if trainer.backend == "sharded" and plan is not None and any(
+            p.kind != "row_wise" for p in plan.placements().values()):
+        mlp = sum(int(np.prod(v.shape)) for v in model.named_dense_variables().values())
+        projected = max(plan.sent_per_rank())
+        return {"formula": "the planner's projection (wd_sok.embedding.plan: exchange of distinct ids, table "
+                           "gradients) + ring allreduce 2(N-1)/N * 4 B * MLP and wide dense params",
+                "alltoall_bytes": projected, "allreduce_bytes": ring * mlp, "total_bytes": projected + ring * mlp}
     if trainer.backend != "sharded":
         return {"formula": "dense allreduce only (tables' IndexedSlices allgather not counted)",
                 "allreduce_bytes": ring * dense_params, "alltoall_bytes": 0.0,

@@ -62,8 +62,9 @@ def test_restore_under_another_rank_count_row_by_row(reference: Path, data: Path
     want, manifest = read_checkpoint(latest)
     assert manifest["world_size"] == 2
     out = tmp_path / "state.npz"
+    plan = ["--embedding_plan", "row"] if backend == "sharded" else []  # the writer's was the planner's (auto)
     args = ["tests/dist/ckpt_state.py", "--out", str(out),
-            *common.main_args(data, tmp_path, "--embedding_backend", backend, *TRAIN)[1:]]
+            *common.main_args(data, tmp_path, "--embedding_backend", backend, *plan, *TRAIN)[1:]]
     args[args.index("--model_dir") + 1] = str(reference / "ckpt")
     common.check(common.launch(ranks, args, LIMIT))
     info = json.loads(Path(str(out) + ".json").read_text())
@@ -75,10 +76,19 @@ def test_restore_under_another_rank_count_row_by_row(reference: Path, data: Path
     for key, value in want.items():
         assert not np.isnan(np.asarray(got[key], np.float64)).any(), key
         np.testing.assert_array_equal(got[key], value, err_msg=key)
-    for held in info["held"]:  # rows per rank: ceil((cardinality - rank) / M) sharded, all replicated
+    kinds = set()
+    for held in info["held"]:  # rows per rank: by the restoring run's own plan, whatever the writer's was
         for key, rows in held["rows"].items():
-            card = manifest["tables"][key]["cardinality"]
-            assert rows == (card if backend == "replicated" else -(-(card - held["rank"]) // ranks)), key
+            card, where = manifest["tables"][key]["cardinality"], held["placements"][key]
+            kinds.add(where["kind"])
+            want_rows = {"replicated": card, "row_wise": -(-(card - held["rank"]) // ranks),
+                         "table_wise": card if where.get("owner") == held["rank"] else 0}[where["kind"]]
+            assert rows == want_rows, (key, where)
+    # the writer (2 ranks, the planner's plan: small tables replicated, the 1001-row one whole on a rank)
+    # placed the tables otherwise than the reader (every table replicated, or every table row-wise)
+    assert kinds == ({"replicated"} if backend == "replicated" else {"row_wise"}), kinds
+    assert manifest["embedding_plan"] == "auto"
+    assert {t["plan"]["kind"] for t in manifest["tables"].values()} == {"replicated", "table_wise"}
 
 
 def test_resume_under_three_ranks_trains_on(reference: Path, data: Path, tmp_path: Path) -> None:

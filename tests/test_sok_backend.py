@@ -18,11 +18,14 @@ import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
+import numpy as np
 import pytest
 
 from tests.dist import common
 from wd_sok.embedding import resolve_backend
 from wd_sok.embedding import sok as sok_backend
+from wd_sok.embedding.base import Placement, RowMap, initial_rows
+from wd_sok.feature_spec import TableConfig
 
 API = ("init", "Variable", "lookup_sparse", "filter_variables")
 
@@ -112,6 +115,79 @@ def test_sok_without_horovod_is_an_error(installed) -> None:  # noqa: ANN001
     installed(fake_sok("2.1.0"))
     with pytest.raises(ValueError, match="needs Horovod"):
         sok_backend.init_sok(SimpleNamespace(hvd=None))
+
+
+def placing_sok(rank: int, world: int) -> ModuleType:
+    """SOK 2.x whose ``Variable`` places rows as pkg/distributed_variable.py does (v24.06.00): distributed ->
+    ``rows // N + (rank < rows % N)`` local rows (``:192-194``); ``localized:r`` -> every row on rank r, a
+    [0, dim] variable elsewhere (``:296-302``); ``lookup_sparse`` (one rank only) gathers and sums each row's
+    ids; ``filter_variables`` splits by the marker the fake Variable sets."""
+    import tensorflow as tf
+
+    mod = fake_sok("2.1.0")
+
+    def variable(shape: list[int], initializer, dtype, name: str, mode: str = "distributed"):  # noqa: ANN001, ANN202
+        rows, dim = shape
+        if mode == "distributed":
+            local = rows // world + (rank < rows % world)
+        else:
+            local = rows if int(mode.split(":")[1]) == rank else 0
+        var = tf.Variable(initializer(shape=(local, dim), dtype=dtype), name=name)
+        mod.calls.append(("Variable", (name, mode), {}))
+        mod.made.add(id(var))
+        return var
+
+    def lookup_sparse(params: list, sp_ids: list, combiners: list[str]) -> list:
+        return [tf.reduce_sum(tf.gather(p, r), axis=1) for p, r in zip(params, sp_ids, strict=True)]
+
+    mod.made = set()
+    mod.Variable, mod.lookup_sparse = variable, lookup_sparse
+    mod.filter_variables = lambda vs: ([v for v in vs if id(v) in mod.made], [v for v in vs if id(v) not in mod.made])
+    return mod
+
+
+PLACED = {"a": Placement("row_wise"), "b": Placement("table_wise", owner=1), "m": Placement("replicated")}
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sok_places_tables_by_the_plan(installed, rank: int) -> None:  # noqa: ANN001
+    """Row-wise -> SOK distributed, table-wise -> SOK localized on the owner, replicated -> a plain variable
+    outside SOK (so its gradient is reduced with the dense weights); rows and checkpoint maps follow."""
+    sok = placing_sok(rank, 2)
+    installed(sok)
+    tables = [TableConfig("a", 7, 3), TableConfig("b", 5, 2), TableConfig("m", 4, 2, 3, True)]
+    emb = sok_backend.SokEmbedding(tables, "glorot_normal", 0, "deep",
+                                   SimpleNamespace(rank=rank, size=2, hvd=object()), PLACED)
+    assert [c[1] for c in sok.calls if c[0] == "Variable"] == [("deep_a", "distributed"), ("deep_b", "localized:1")]
+    assert emb.table_variable("a").shape[0] == (4 if rank == 0 else 3)
+    assert emb.table_variable("b").shape[0] == (5 if rank == 1 else 0)
+    assert emb.table_variable("m").shape[0] == 4
+    assert [id(v) for v in emb.sparse_variables] == [id(emb.table_variable("a")), id(emb.table_variable("b"))]
+    assert emb.saved_rows("b").count == (5 if rank == 1 else 0)
+    assert emb.saved_rows("m") == RowMap(rank, 2, 2, vstart=rank, vstride=2)
+    mask, local = emb.owned("b", np.arange(5))
+    assert mask.all() == (rank == 1) and list(local) == (list(range(5)) if rank == 1 else [])
+    np.testing.assert_array_equal(emb.table_variable("m").numpy(), initial_rows(tables[2], np.arange(4), 0,
+                                                                                 "glorot_normal"))
+    if rank == 1:  # the owner holds b's rows as a single process would
+        np.testing.assert_array_equal(emb.table_variable("b").numpy(),
+                                      initial_rows(tables[1], np.arange(5), 0, "glorot_normal"))
+
+
+def test_sok_lookup_mixes_sok_and_replicated_tables(installed) -> None:  # noqa: ANN001
+    import tensorflow as tf
+
+    installed(placing_sok(0, 1))
+    tables = [TableConfig("a", 7, 3), TableConfig("m", 4, 2, 3, True, "mean")]
+    places = {"a": Placement("row_wise"), "m": Placement("replicated")}
+    emb = sok_backend.SokEmbedding(tables, "glorot_normal", 0, "deep", SimpleNamespace(rank=0, size=1, hvd=object()),
+                                   places)
+    ids = {"a": tf.constant([6, 0, 6]), "m": tf.ragged.constant([[1, 1, 3], [], [2]])}
+    out = emb(ids)
+    a = initial_rows(tables[0], np.arange(7), 0, "glorot_normal")
+    m = initial_rows(tables[1], np.arange(4), 0, "glorot_normal")
+    np.testing.assert_allclose(out["a"].numpy(), a[[6, 0, 6]], rtol=1e-6)
+    np.testing.assert_allclose(out["m"].numpy(), [(2 * m[1] + m[3]) / 3, np.zeros(2), m[2]], rtol=1e-6)
 
 
 # ------------------------------------------------------------------ GPU contract test

@@ -81,7 +81,8 @@ class Config:
     embedding_plan: str = _f("", "Placement of the sharded backend's tables (wd_sok.embedding.plan): auto (cost "
                              "model: replicate where cheaper, small tables whole on one rank, else row-wise), "
                              "row (all row-wise) or replicated; a feature's spec 'placement' overrides it; "
-                             "empty: auto for the sharded backend, row for sok", "model construction",
+                             "empty: auto for the sharded backend, row for sok (whose table-wise = SOK "
+                             "localized and replicated paths have not run on a GPU here)", "model construction",
                              choices=["", "auto", "row", "replicated"])
     plan_only: bool = _f(False, "Print the embedding placement plan (table, rows, dim, bytes, placement, "
                          "ranks, projected bytes per rank) for --world_size ranks and --device_memory GB per "
@@ -167,8 +168,6 @@ def check_config(cfg: Config) -> list[str]:
     if cfg.embedding_plan and cfg.embedding_backend == "replicated" and not cfg.plan_only:
         problems.append("--embedding_plan places the sharded backend's tables; --embedding_backend replicated "
                         "holds every table on every rank")
-    if cfg.embedding_plan not in ("", "row") and cfg.embedding_backend == "sok":
-        problems.append("--embedding_backend sok places every table row-wise; use --embedding_plan row")
     if cfg.world_size and not cfg.plan_only:
         problems.append("--world_size is for --plan_only (a run's world size is its rank count)")
     if cfg.world_size < 0 or cfg.device_memory < 0:

@@ -15,6 +15,35 @@ import tensorflow as tf
 from wd_sok.data.batch import Batch
 from wd_sok.embedding.base import EmbeddingCollection
 
+DROPOUT_BITS = 16  # random bits per activation: one Philox 32-bit word masks two activations
+
+
+def dropout_threshold(rate: float) -> int:
+    """The 16-bit threshold of ``rate``: an activation is dropped when its bits are below it, so the drop
+    probability is ``threshold / 65536`` (0.1 -> 6554 / 65536 = 0.100006)."""
+    return int(round(rate * (1 << DROPOUT_BITS)))
+
+
+def dropout(x: tf.Tensor, rate: float, seed: tf.Tensor) -> tf.Tensor:
+    """Stateless dropout of ``x`` [B, U] from 16 random bits per activation.
+
+    ``tf.random.stateless_uniform`` draws [B, ceil(U / 2)] int32 words (Philox, a pure function of ``seed``
+    [2] int64), each bitcast into two uint16; activation ``(b, u)`` is kept when its uint16 is >= the
+    :func:`dropout_threshold` ``t``, and kept values are scaled by ``65536 / (65536 - t)`` (the exact
+    inverse keep probability, so the expectation is unchanged). Half the random words of one float per
+    activation, no int-to-float conversion, and one multiply by the scaled mask instead of a select.
+    """
+    units = int(x.shape[-1])
+    threshold = dropout_threshold(rate)
+    words = tf.random.stateless_uniform(tf.stack([tf.shape(x)[0], (units + 1) // 2]), seed=seed, minval=None,
+                                        maxval=None, dtype=tf.int32)
+    bits = tf.reshape(tf.bitcast(words, tf.uint16), [tf.shape(x)[0], 2 * ((units + 1) // 2)])
+    if units % 2:
+        bits = bits[:, :units]
+    keep = bits >= tf.constant(threshold, tf.uint16)
+    scale = (1 << DROPOUT_BITS) / ((1 << DROPOUT_BITS) - threshold)
+    return x * (tf.cast(keep, x.dtype) * tf.constant(scale, x.dtype))
+
 
 def dropout_key(seed: int, rank: int, layer: int) -> int:
     """The first half of layer ``layer``'s stateless dropout seed on ``rank`` (the step is the second)."""
@@ -90,9 +119,7 @@ class WideDeepModel(tf.keras.Model):
         for i, dense in enumerate(self.hidden):
             x = dense(x)
             if rate > 0.0:  # stateless dropout: mask = f(seed, rank, layer, step)
-                keep = tf.random.stateless_uniform(tf.shape(x), seed=tf.stack(
-                    [tf.constant(self.dropout_keys[i], tf.int64), step])) >= rate
-                x = tf.where(keep, x / tf.cast(1.0 - rate, x.dtype), tf.zeros_like(x))
+                x = dropout(x, rate, tf.stack([tf.constant(self.dropout_keys[i], tf.int64), step]))
         return tf.cast(self.head(x)[:, 0], tf.float32)
 
     # ---- variable groups (the two optimizers, and what is sharded)

@@ -77,8 +77,12 @@ class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
         now = tf.cast(self.iterations, last.dtype)
         catch_up = tf.cond(tf.reduce_all(last == now),  # the MLP: always up to date, skip the pass over rms
                            tf.no_op, lambda: rms.assign(self.caught_up_rms(var), read_value=False))
+        var_device, var_dtype = var.device, var.dtype.base_dtype
+        coef = (apply_state or {}).get((var_device, var_dtype)) or self._fallback_apply_state(var_device,
+                                                                                              var_dtype)
         with tf.control_dependencies([catch_up]):
-            update = super()._resource_apply_dense(grad, var, apply_state)
+            update = _fused_rmsprop(var, rms, grad, coef["lr_t"], coef["rho"], coef["one_minus_rho"],
+                                    coef["epsilon"])
         with tf.control_dependencies([update]):
             return last.assign(tf.fill(tf.shape(last), now + 1), read_value=False)
 
@@ -92,6 +96,22 @@ class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
         factor = tf.pow(tf.cast(self._get_hyper("rho"), rms.dtype), age)
         factor = tf.reshape(factor, tf.concat([tf.shape(factor), tf.ones([tf.rank(rms) - 1], tf.int32)], 0))
         return rms * factor
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _fused_rmsprop(var: tf.Variable, rms: tf.Variable, grad: tf.Tensor, lr: tf.Tensor, rho: tf.Tensor,
+                   one_minus_rho: tf.Tensor, epsilon: tf.Tensor) -> tf.Tensor:
+    """Keras' legacy dense RMSprop update (momentum 0, not centered), the same expressions in the same order,
+    compiled by XLA into one pass over ``var``, ``rms`` and ``grad`` (Keras runs ~10 separate elementwise
+    ops, each a pass over the [rows, cols] arrays; TF's fused ``ApplyRMSProp`` kernel divides by
+    ``sqrt(rms + eps)`` instead of ``sqrt(rms) + eps``, another update)::
+
+        rms <- rho * rms + (1 - rho) * grad**2;   var <- var - lr * grad / (sqrt(rms) + eps)
+    """
+    rms_t = rho * rms + one_minus_rho * tf.square(grad)
+    rms.assign(rms_t)
+    var.assign(var - lr * grad / (tf.sqrt(rms_t) + epsilon))
+    return tf.constant(True)
 
 
 def slot_names(optimizer: Optimizer | None) -> list[str]:

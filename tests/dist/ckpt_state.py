@@ -31,10 +31,10 @@ def main() -> int:
     trainer = Trainer(cfg, rt)
     trainer.restore()
     state = gathered_state(trainer.model, trainer.wide_opt, trainer.deep_opt, rt)
+    collections = (trainer.model.wide_embedding, trainer.model.deep_embedding)
     held = rt.allgather_object({"rank": rt.rank, "rows": {
-        key: int(np.prod(var.shape[:1])) for key, var in
-        ((f"{e.prefix}/{n}", e.table_variable(n)) for e in (trainer.model.wide_embedding,
-                                                         trainer.model.deep_embedding) for n in e.tables)}},
+        f"{e.prefix}/{n}": int(np.prod(e.table_variable(n).shape[:1])) for e in collections for n in e.tables},
+        "placements": {f"{e.prefix}/{n}": e.placement(n).describe() for e in collections for n in e.tables}},
         "held_rows")
     if rt.is_chief:
         np.savez(args.out, **state)

@@ -25,7 +25,7 @@ def make_embedding(backend: str, tables: list[TableConfig], initializer: str, se
                    placements: dict[str, Placement] | None = None) -> EmbeddingCollection:
     """Build the embedding layer of ``backend`` ('replicated', 'sharded' or 'sok') for ``tables`` (``runtime``
     may be None for a lone replicated model). ``placements`` (feature -> :class:`Placement`, from
-    :func:`wd_sok.embedding.plan.make_plan`) places the sharded backend's tables; row-wise when absent."""
+    :func:`wd_sok.embedding.plan.make_plan`) places the sharded and SOK backends' tables; row-wise when absent."""
     if backend == "replicated":
         from wd_sok.embedding.replicated import ReplicatedEmbedding
 
@@ -36,10 +36,7 @@ def make_embedding(backend: str, tables: list[TableConfig], initializer: str, se
 
         return ShardedEmbedding(tables, initializer, seed, prefix, runtime, placements)
     if backend == "sok":
-        if placements and any(p.kind != "row_wise" for p in placements.values()):
-            raise ValueError("the sok backend places every table row-wise (SOK's distributed mode); use "
-                             "--embedding_plan row with it")
         from wd_sok.embedding.sok import SokEmbedding
 
-        return SokEmbedding(tables, initializer, seed, prefix, runtime)
+        return SokEmbedding(tables, initializer, seed, prefix, runtime, placements)
     raise ValueError(f"unknown embedding backend {backend!r} (replicated, sharded, sok)")

@@ -70,8 +70,8 @@ from types import ModuleType
 import tensorflow as tf
 
 from wd_sok.distributed import Runtime
-from wd_sok.embedding.base import fill_initial
-from wd_sok.embedding.sharded import Ids, RowShardedCollection, checked_ids, local_rows
+from wd_sok.embedding.base import Placement, fill_initial, pool
+from wd_sok.embedding.sharded import Ids, RowShardedCollection, checked_ids, expand
 from wd_sok.feature_spec import TableConfig
 
 _SOK_READY = False
@@ -152,7 +152,11 @@ def init_sok(runtime: Runtime) -> ModuleType:
 
 
 class SokEmbedding(RowShardedCollection):
-    """Tables as SOK distributed variables (row g on GPU g % N), looked up with ``sok.lookup_sparse``.
+    """Tables as SOK variables looked up with ``sok.lookup_sparse``: row-wise tables are SOK distributed
+    variables (row g on GPU g % N), table-wise ones SOK localized variables (``mode="localized:<owner>"``:
+    the whole table on the owner, ``[0, dim]`` elsewhere, ids not remapped: ``pkg/distributed_variable.py``
+    ``LocalizedVariable``, ``:247-338`` at v24.06.00); replicated tables are plain variables gathered locally
+    (their gradients reduced with the dense weights), as in the sharded backend.
 
     Args:
         tables: the tables (feature names, cardinalities, widths, combiners).
@@ -160,32 +164,50 @@ class SokEmbedding(RowShardedCollection):
         seed: run seed.
         prefix: "wide" or "deep".
         runtime: rank and world size (Horovod initialised).
+        placements: feature -> :class:`Placement` (row-wise when absent).
     """
 
     def __init__(self, tables: list[TableConfig], initializer: str, seed: int, prefix: str,
-                 runtime: Runtime, **kw) -> None:
-        super().__init__(tables, initializer, seed, prefix, runtime, **kw)
+                 runtime: Runtime, placements: dict[str, Placement] | None = None, **kw) -> None:
+        super().__init__(tables, initializer, seed, prefix, runtime, placements, **kw)
         sok = init_sok(runtime)
         for t in tables:
+            where = self.placements[t.name]
+            if where.kind == "replicated":
+                self.shards[t.name] = self.new_shard(t)
+                continue
+
             def init(shape: tuple, dtype: tf.DType | None = None) -> tf.Tensor:
                 return tf.zeros(shape, dtype or tf.float32)  # the initial rows follow block by block
 
+            mode = "distributed" if where.kind == "row_wise" else f"localized:{where.owner}"
             var = sok.Variable(shape=[t.cardinality, t.dim], initializer=init, dtype=tf.float32,
-                                    name=f"{prefix}_{t.name}")
-            expected = (local_rows(t.cardinality, self.rank, self.world).size, t.dim)
+                               name=f"{prefix}_{t.name}", mode=mode)
+            expected = (self.held_rows(t.name), t.dim)
             if tuple(var.shape) != expected:
                 raise RuntimeError(f"SOK placed {tuple(var.shape)} rows of table '{prefix}/{t.name}' on rank "
-                                   f"{self.rank}, expected {expected} (row g on rank g % N): unsupported SOK")
+                                   f"{self.rank}, expected {expected} ({mode}): unsupported SOK")
             fill_initial(var, t, self.saved_rows(t.name), seed, initializer)
             self.shards[t.name] = var
+        self.exchanged = [n for n in self.names if self.placements[n].kind != "replicated"]
 
     @tf.autograph.experimental.do_not_convert  # see EmbeddingCollection.call
     def lookup(self, ids: dict[str, Ids]) -> dict[str, tf.Tensor]:
         """Pooled vectors ``{name: [B, dim] float32}`` for one-hot [B] or ragged [B, (k)] ids."""
         if not self.names:
             return {}
-        ragged = []
+        out = {}
         for name in self.names:
+            if name not in self.exchanged:  # replicated: a local gather of the distinct ids
+                x, table = ids[name], self.tables[name]
+                uniq, inverse = tf.unique(checked_ids(x, table, self.prefix), out_idx=tf.int32)
+                v = expand(tf.gather(self.shards[name], uniq), inverse)
+                out[name] = (pool(x.with_flat_values(v), table.combiner) if isinstance(x, tf.RaggedTensor)
+                             else tf.reshape(v, tf.concat([tf.shape(x, out_type=tf.int32), [table.dim]], 0)))
+        if not self.exchanged:
+            return out
+        ragged = []
+        for name in self.exchanged:
             x, table = ids[name], self.tables[name]
             values = checked_ids(x, table, self.prefix)
             if isinstance(x, tf.RaggedTensor):
@@ -193,10 +215,9 @@ class SokEmbedding(RowShardedCollection):
                                                               validate=False))
             else:  # one-hot [B]: rows of exactly one id
                 ragged.append(tf.RaggedTensor.from_tensor(values[:, None]))
-        vectors = init_sok(self.runtime).lookup_sparse([self.shards[n] for n in self.names], ragged,
-                                         combiners=["sum"] * len(self.names))
-        out = {}
-        for name, r, v in zip(self.names, ragged, vectors, strict=True):
+        vectors = init_sok(self.runtime).lookup_sparse([self.shards[n] for n in self.exchanged], ragged,
+                                                       combiners=["sum"] * len(self.exchanged))
+        for name, r, v in zip(self.exchanged, ragged, vectors, strict=True):
             if self.tables[name].combiner == "mean":
                 v = v / tf.cast(tf.maximum(r.row_lengths(), 1), v.dtype)[:, None]
             out[name] = v
@@ -205,5 +226,5 @@ class SokEmbedding(RowShardedCollection):
     @property
     def sparse_variables(self) -> list[tf.Variable]:
         """The SOK variables (``sok.filter_variables``): gradients already global, never allreduced."""
-        sok_vars, _ = init_sok(self.runtime).filter_variables(list(self.shards.values()))
+        sok_vars, _ = init_sok(self.runtime).filter_variables([self.shards[n] for n in self.exchanged])
         return sok_vars
