@@ -106,6 +106,9 @@ def test_resume_under_three_ranks_trains_on(reference: Path, data: Path, tmp_pat
     assert (saved["epoch"], saved["step_in_epoch"]) in ((1, 50), (2, 0))
     assert (f"restored {tmp_path / 'ckpt'}/ckpt-{saved['step']} (epoch {saved['epoch']}, step {saved['step']}; "
             "written by 2 rank(s)") in out
+    # the plan is printed at start, one line per feature (b, 1001 rows: whole on one rank at 3 ranks)
+    assert "embedding plan 'auto': 5 features, 3 ranks, global batch 48" in out
+    assert re.search(r"\bb\s+1,001\s+4\s+\S+\s+table_wise\s+\d\b", out), out
     recs = records(run / "results")
     params = next(r["data"] for r in recs if r["step"] == "PARAMETER" and "steps_per_epoch" in r["data"])
     spe = params["steps_per_epoch"]

@@ -11,7 +11,7 @@ import yaml
 
 import main
 from wd_sok.config import parse_config
-from wd_sok.embedding.plan import PlanError, distinct_ids, make_plan, row_bytes
+from wd_sok.embedding.plan import Placement, PlanError, distinct_ids, make_plan, row_bytes
 from wd_sok.feature_spec import TableConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,11 +105,36 @@ def test_plan_only_prints_a_cluster_plan_and_refuses_one_that_does_not_fit(tmp_p
 
 def test_plan_flags_that_cannot_apply_are_refused(capsys: pytest.CaptureFixture) -> None:
     assert parse_config(["--embedding_plan", "auto", "--device_memory", "16"]).embedding_plan == "auto"
+    assert parse_config(["--embedding_plan", "auto", "--embedding_backend", "sok"]).embedding_plan == "auto"
     for flags, message in ((["--embedding_plan", "auto", "--embedding_backend", "replicated"],
                             "--embedding_backend replicated holds every table on every rank"),
-                           (["--embedding_plan", "auto", "--embedding_backend", "sok"], "use --embedding_plan row"),
                            (["--world_size", "8"], "--world_size is for --plan_only")):
         with pytest.raises(SystemExit) as e:
             parse_config(flags)
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert parse_config(["--plan_only", "--world_size", "8", "--device_memory", "16"]).world_size == 8
+
+
+def test_spec_overrides_hold_under_every_policy_and_become_backend_placements() -> None:
+    from dataclasses import replace
+
+    from wd_sok.feature_spec import DynamicConfig
+
+    tables = [replace(TABLES[0], placement="row_wise"), replace(TABLES[1], placement="table_wise"),
+              replace(TABLES[2], placement="replicated"), TABLES[3],
+              TableConfig("uid", 10_000, 8, dynamic=DynamicConfig(10_000))]
+    for policy in ("auto", "row", "replicated"):
+        plan = make_plan(tables, 3, 6144, policy=policy)
+        kinds = {t.name: t.placement for t in plan.tables}
+        assert kinds["tiny"] == "row_wise" and kinds["small"] == "table_wise" and kinds["big"] == "replicated"
+        assert kinds["uid"] == "dynamic"  # placed by key hash, costed as row-wise
+        assert kinds["multi"] == {"auto": "row_wise", "row": "row_wise", "replicated": "replicated"}[policy]
+        places = plan.placements()
+        assert "uid" not in places and places["tiny"].kind == "row_wise"
+        small = next(t for t in plan.tables if t.name == "small")
+        # the table-wise owner is the rank sending least before it: with all else symmetric, rank 0
+        assert places["small"] == Placement("table_wise", owner=small.ranks[0]) and small.ranks == (0,)
+        assert places["big"].kind == "replicated" and places["big"].reduction == "sparse"
+        uid = next(t for t in plan.tables if t.name == "uid")
+        row = next(t for t in make_plan([TableConfig("uid", 10_000, 8)], 3, 6144, policy="row").tables)
+        assert uid.bytes_per_rank == row.bytes_per_rank and uid.sent_per_rank == row.sent_per_rank

@@ -88,11 +88,13 @@ class WideDeepModel(tf.keras.Model):
 
         self._mlp = tf.function(self._mlp_impl, jit_compile=True, reduce_retracing=True) if xla else self._mlp_impl
 
+    @tf.autograph.experimental.do_not_convert  # plain Python over layers (see EmbeddingCollection.lookup)
     def call(self, batch: Batch, training: bool = False, step: tf.Tensor | int = 0) -> tf.Tensor:
         """Logits [B] float32; ``step`` seeds the dropout masks when training."""
         ids = {name: batch.categorical[name] for name in self.categorical}
         return self.wide_logit(batch, ids) + self.deep_logit(batch, ids, training, step)
 
+    @tf.autograph.experimental.do_not_convert  # plain Python over layers (see EmbeddingCollection.lookup)
     def wide_logit(self, batch: Batch, ids: dict) -> tf.Tensor:
         """[B] float32: sum of the per-feature weights + numerics @ kernel + bias."""
         logit = tf.zeros_like(batch.label) + self.wide_bias
@@ -103,6 +105,7 @@ class WideDeepModel(tf.keras.Model):
             logit += tf.linalg.matvec(batch.numerical, self.wide_kernel[:, 0])
         return logit
 
+    @tf.autograph.experimental.do_not_convert  # plain Python over layers (see EmbeddingCollection.lookup)
     def deep_logit(self, batch: Batch, ids: dict, training: bool, step: tf.Tensor | int = 0) -> tf.Tensor:
         """[B] float32: MLP over [embeddings in spec order, numerics]."""
         parts = []
@@ -115,6 +118,7 @@ class WideDeepModel(tf.keras.Model):
         rate = self.dropout if training else 0.0
         return self._mlp(x, tf.cast(step, tf.int64), rate)
 
+    @tf.autograph.experimental.do_not_convert  # plain Python over layers (see EmbeddingCollection.lookup)
     def _mlp_impl(self, x: tf.Tensor, step: tf.Tensor, rate: float) -> tf.Tensor:
         for i, dense in enumerate(self.hidden):
             x = dense(x)
