@@ -74,11 +74,13 @@ def test_sharded_matches_replicated(hvd_run: str, data: Path, tmp_path: Path, ra
 # ---------------------------------------------------------------- main.py: golden run and checkpoint round trips
 @pytest.fixture(scope="module")
 def trained(hvd_run: str, data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two trainings on the same data: 2 ranks sharded and 1 process replicated."""
+    """Two trainings on the same data: 2 ranks sharded (every table row-wise: the exchange end to end; the
+    planner would replicate these small tables) and 1 process replicated."""
     runs = {}
-    for name, ranks, backend in (("sharded2", 2, "sharded"), ("replicated1", 1, "replicated")):
+    for name, ranks, flags in (("sharded2", 2, ["sharded", "--embedding_plan", "row"]),
+                               ("replicated1", 1, ["replicated"])):
         run_dir = tmp_path_factory.mktemp(name)
-        common.check(common.launch(ranks, common.main_args(data, run_dir, "--embedding_backend", backend), LIMIT))
+        common.check(common.launch(ranks, common.main_args(data, run_dir, "--embedding_backend", *flags), LIMIT))
         runs[name] = run_dir
     return runs
 

@@ -84,11 +84,11 @@ def test_restore_under_another_rank_count_row_by_row(reference: Path, data: Path
             want_rows = {"replicated": card, "row_wise": -(-(card - held["rank"]) // ranks),
                          "table_wise": card if where.get("owner") == held["rank"] else 0}[where["kind"]]
             assert rows == want_rows, (key, where)
-    # the writer (2 ranks, the planner's plan: small tables replicated, the 1001-row one whole on a rank)
-    # placed the tables otherwise than the reader (every table replicated, or every table row-wise)
+    # the writer (2 ranks, the planner's plan: these small tables replicated, reduced dense) placed the
+    # tables otherwise than the sharded reader (every table row-wise)
     assert kinds == ({"replicated"} if backend == "replicated" else {"row_wise"}), kinds
     assert manifest["embedding_plan"] == "auto"
-    assert {t["plan"]["kind"] for t in manifest["tables"].values()} == {"replicated", "table_wise"}
+    assert [t["plan"] for t in manifest["tables"].values()] == [{"kind": "replicated", "reduction": "dense"}] * 10
 
 
 def test_resume_under_three_ranks_trains_on(reference: Path, data: Path, tmp_path: Path) -> None:
@@ -106,9 +106,9 @@ def test_resume_under_three_ranks_trains_on(reference: Path, data: Path, tmp_pat
     assert (saved["epoch"], saved["step_in_epoch"]) in ((1, 50), (2, 0))
     assert (f"restored {tmp_path / 'ckpt'}/ckpt-{saved['step']} (epoch {saved['epoch']}, step {saved['step']}; "
             "written by 2 rank(s)") in out
-    # the plan is printed at start, one line per feature (b, 1001 rows: whole on one rank at 3 ranks)
+    # the plan is printed at start, one line per feature (b, 1001 rows: replicated, reduced dense)
     assert "embedding plan 'auto': 5 features, 3 ranks, global batch 48" in out
-    assert re.search(r"\bb\s+1,001\s+4\s+\S+\s+table_wise\s+\d\b", out), out
+    assert re.search(r"\bb\s+1,001\s+4\s+\S+\s+replicated\(dense\)\s+0-2\b", out), out
     recs = records(run / "results")
     params = next(r["data"] for r in recs if r["step"] == "PARAMETER" and "steps_per_epoch" in r["data"])
     spe = params["steps_per_epoch"]

@@ -22,13 +22,21 @@ sample: 1, or ``max_hotness`` for multi-hot, an upper bound; ``R`` rows):
   replicated ``min(dense: 2 (N - 1) / N x 4 B x R (d + 1), sparse: (N - 1) x u x (2 x 8 B + 4 B x (d + 1)))``;
   table-wise: a non-owner ``u x (2 x 8 B + 4 B x (d + 1))``, the owner ``(N - 1) x u x 4 B x (d + 1)``.
 
-Policies (``--embedding_plan``): ``row`` (all row-wise), ``replicated`` (all replicated), ``auto``: start
-row-wise; replicate the features whose replicated exchange is cheaper than their row-wise one, best saving
-per extra byte held first, while every rank stays within the budget; put the remaining small tables
-(``R < N x MIN_ROWS_PER_SHARD``: row-wise would cut them into near-empty shards) whole on one rank, the one
-sending least so far (the same bytes in total over ranks as row-wise, but the owner sends more than the
-others, since it answers every rank). A plan that does not fit is refused (:class:`PlanError`, saying by
-how much).
+Step time (:class:`CostModel`, seconds per step of the slowest rank; the defaults were fitted to this
+project's CPU + Gloo ladder, ``benchmarks/embedding_scaling.py``): bytes sent / ``network_bps``; a fixed
+``collective_s`` per Horovod collective with more than one rank (the exchange of a collection is 3 fused
+alltoalls, whatever its tables, so it is paid once if any table is exchanged; a sparse-reduced replicated
+table adds 2 allgathers per collection; a dense-reduced one joins the MLP's fused allreduce); per id looked
+up, ``exchange_id_s`` through the exchange (unique, sort, gathers, scatters) or ``local_id_s`` locally; a
+dense-reduced table also pays ``dense_float_s`` per float of the whole table (densify, dense optimizer pass).
+
+Policies (``--embedding_plan``): ``row`` (all row-wise), ``replicated`` (all replicated, the cheaper
+reduction each), ``auto``: the plan of least modelled step time that fits the budget, found by coordinate
+descent over each feature's options (row-wise; replicated, dense or sparse; table-wise on the rank with the
+least time so far; table-wise and row-wise only with ``R >= N x MIN_ROWS_PER_SHARD`` for row-wise) from
+two starts: all row-wise and all replicated (each table's cheaper reduction). Starting from all-replicated
+matters: moving one table out of the exchange saves little, moving the last one saves
+the exchange's collectives. A plan that does not fit is refused (:class:`PlanError`, saying by how much).
 
 A feature whose spec says ``placement: replicated|table_wise|row_wise`` keeps it under every policy (a
 table-wise one goes to the rank sending least); a dynamic (hash-table) feature is placed by key hash and
@@ -45,6 +53,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -90,6 +99,23 @@ ROW_WISE = Placement()
 
 class PlanError(ValueError):
     """A plan that does not fit the per-rank memory budget (the message says by how much)."""
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds of a step's embedding work (see the module docstring). Defaults: fitted to the 2-core CPU +
+    Gloo ladder (reference vs sharded, 1e4..1e7 rows, benchmarks/README.md); GPUs with NCCL have other
+    constants (collectives ~10x cheaper, bandwidth ~100x higher), so a GPU cluster's dry run is only as good
+    as these numbers."""
+
+    collective_s: float = 4e-3     # one Horovod collective on >1 rank (alltoall, allgather)
+    network_bps: float = 0.5e9     # bytes per second one rank sends
+    exchange_id_s: float = 100e-9  # per id through the exchange (per collection: wide and deep)
+    local_id_s: float = 30e-9      # per id looked up locally (replicated)
+    dense_float_s: float = 2.5e-9  # per float of a dense-reduced table, per step (densify, optimizer pass)
+
+
+DEFAULT_COST = CostModel()
 
 
 def row_bytes(dim: int) -> int:
@@ -160,6 +186,10 @@ class Plan:
         """[N] bytes sent per rank per step, all features (embedding exchange and table gradients)."""
         return [sum(t.sent_per_rank[r] for t in self.tables) for r in range(self.world_size)]
 
+    def step_seconds(self, cost: CostModel = DEFAULT_COST) -> float:
+        """Modelled seconds per step of the embedding work on the slowest rank (see :class:`CostModel`)."""
+        return step_seconds(self.tables, self.world_size, cost)
+
     def check_fits(self) -> None:
         """Raise :class:`PlanError` naming the fullest rank and the shortfall if a rank exceeds the budget."""
         if self.budget_bytes <= 0:
@@ -186,7 +216,8 @@ class Plan:
         held, sent = self.bytes_per_rank(), self.sent_per_rank()
         lines.append(f"projected per rank: tables held {min(held) / 1e9:.4g} .. {max(held) / 1e9:.4g} GB; sent per "
                      f"step {min(sent) / 1e6:.4g} .. {max(sent) / 1e6:.4g} MB (embedding exchange and table "
-                     f"gradients; the MLP allreduce not included)")
+                     f"gradients; the MLP allreduce not included); modelled embedding time "
+                     f"{self.step_seconds() * 1e3:.3g} ms per step")
         return "\n".join(lines)
 
 
@@ -246,41 +277,82 @@ def make_plan(tables: list[TableConfig], world_size: int, global_batch: int, bud
         plan.check_fits()
         return plan
     Plan(policy, n, global_batch, budget_bytes, tuple(chosen.values())).check_fits()  # the least memory there is
-    held = [sum(p.bytes_per_rank[r] for p in chosen.values()) for r in range(n)]
-
-    def room(plan_new: TablePlan, plan_old: TablePlan) -> bool:
-        return budget_bytes <= 0 or all(held[r] - plan_old.bytes_per_rank[r] + plan_new.bytes_per_rank[r]
-                                        <= budget_bytes for r in range(n))
-
-    def swap(plan_new: TablePlan) -> None:
-        old = chosen[plan_new.name]
-        for r in range(n):
-            held[r] += plan_new.bytes_per_rank[r] - old.bytes_per_rank[r]
-        chosen[plan_new.name] = plan_new
-
-    # 1. replicate where the gradient reduction is cheaper than the exchange: best saving per extra byte first
-    offers = []
-    for t in (t for t in tables if t.name not in fixed):
-        rep, row = _costs(t, "replicated", n, global_batch), chosen[t.name]
-        saving = max(row.sent_per_rank) - max(rep.sent_per_rank)
-        if n == 1 or saving > 0:
-            extra = max(rep.bytes_per_rank) - max(row.bytes_per_rank)
-            offers.append((-(saving + 1.0) / max(extra, 1.0), t.name, rep))
-    for _, name, rep in sorted(offers):
-        if room(rep, chosen[name]):
-            swap(rep)
-    # 2. small tables left row-wise: whole on the least-loaded rank
-    for t in sorted(tables, key=lambda t: -t.cardinality * row_bytes(t.dim)):
-        if (chosen[t.name].placement == "row_wise" and t.name not in fixed and n > 1
-                and t.cardinality < n * MIN_ROWS_PER_SHARD):
-            sent = [sum(p.sent_per_rank[r] for p in chosen.values()) for r in range(n)]
-            owner = min(range(n), key=lambda r: (sent[r], held[r]))  # the owner answers every rank
-            whole = _costs(t, "table_wise", n, global_batch, owner=owner)
-            if room(whole, chosen[t.name]):
-                swap(whole)
-    plan = Plan(policy, n, global_batch, budget_bytes, tuple(chosen[t.name] for t in tables))
+    free = [t for t in tables if t.name not in fixed]
+    starts = [dict(chosen)]
+    replicated = dict(chosen)
+    for t in free:
+        replicated[t.name] = min((_costs(t, "replicated", n, global_batch, reduction=r) for r in ("dense", "sparse")),
+                                 key=lambda p: _work(p, 0, n, DEFAULT_COST))
+    if _fits(replicated.values(), n, budget_bytes):
+        starts.append(replicated)
+    best = min((_descend(free, start, n, global_batch, budget_bytes) for start in starts),
+               key=lambda c: step_seconds(tuple(c.values()), n, DEFAULT_COST))
+    plan = Plan(policy, n, global_batch, budget_bytes, tuple(best[t.name] for t in tables))
     plan.check_fits()
     return plan
+
+
+def _held(plans: Iterable[TablePlan], n: int) -> list[float]:
+    plans = list(plans)
+    return [sum(p.bytes_per_rank[r] for p in plans) for r in range(n)]
+
+
+def _fits(plans: Iterable[TablePlan], n: int, budget_bytes: float) -> bool:
+    return budget_bytes <= 0 or max(_held(plans, n)) <= budget_bytes
+
+
+def _work(p: TablePlan, rank: int, n: int, cost: CostModel) -> float:
+    """One feature's modelled seconds on ``rank``, less the exchange's shared alltoalls."""
+    exchanged = p.placement in ("row_wise", "table_wise", "dynamic")
+    work = 2 * p.lookups_per_rank * (cost.exchange_id_s if exchanged else cost.local_id_s)  # wide and deep
+    work += p.sent_per_rank[rank] / cost.network_bps
+    if p.placement == "replicated" and p.reduction == "dense":
+        work += cost.dense_float_s * p.rows * (p.dim + 1)
+    if p.placement == "replicated" and p.reduction == "sparse" and n > 1:
+        work += 4 * cost.collective_s  # values and indices allgathered, wide and deep
+    return work
+
+
+def step_seconds(plans: tuple[TablePlan, ...] | list[TablePlan], n: int, cost: CostModel = DEFAULT_COST) -> float:
+    """Modelled seconds per step of ``plans`` on the slowest of ``n`` ranks (see :class:`CostModel`)."""
+    per_rank = [sum(_work(p, r, n, cost) for p in plans) for r in range(n)]
+    if n > 1 and any(p.placement in ("row_wise", "table_wise", "dynamic") for p in plans):
+        per_rank = [t + 6 * cost.collective_s for t in per_rank]  # 3 fused alltoalls x (wide, deep)
+    return max(per_rank, default=0.0)
+
+
+def _options(t: TableConfig, n: int, global_batch: int, chosen: dict[str, TablePlan]) -> list[TablePlan]:
+    """The placements ``auto`` considers for ``t`` (table-wise on the rank with the least time so far)."""
+    out = [_costs(t, "replicated", n, global_batch, reduction=r) for r in ("dense", "sparse")]
+    if n > 1:
+        others = [p for name, p in chosen.items() if name != t.name]
+        load = [sum(p.sent_per_rank[r] for p in others) for r in range(n)]
+        out.append(_costs(t, "table_wise", n, global_batch, owner=min(range(n), key=load.__getitem__)))
+    if n == 1 or t.cardinality >= n * MIN_ROWS_PER_SHARD:
+        out.append(_costs(t, "row_wise", n, global_batch))
+    return out
+
+
+def _descend(free: list[TableConfig], start: dict[str, TablePlan], n: int, global_batch: int,
+             budget_bytes: float) -> dict[str, TablePlan]:
+    """Coordinate descent on modelled step time: per feature (largest first), the option of least total time
+    that keeps every rank within budget; until nothing changes (at most 4 passes)."""
+    chosen = dict(start)
+    for _ in range(4):
+        changed = False
+        for t in sorted(free, key=lambda t: -t.cardinality * row_bytes(t.dim)):
+            best, best_s = chosen[t.name], step_seconds(tuple(chosen.values()), n)
+            for option in _options(t, n, global_batch, chosen):
+                trial = {**chosen, t.name: option}
+                if _fits(trial.values(), n, budget_bytes):
+                    secs = step_seconds(tuple(trial.values()), n)
+                    if secs < best_s * (1 - 1e-9):
+                        best, best_s = option, secs
+            if best is not chosen[t.name]:
+                chosen[t.name], changed = best, True
+        if not changed:
+            break
+    return chosen
 
 
 def plan_main(cfg: Config) -> int:
