@@ -45,6 +45,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from wd_sok.feature_spec import TEST, TRAIN, FeatureSpec, SpecError
+from wd_sok.tools.outdir import SPEC_FILE, atomic_output_dir, check_parquet_dtypes, output_spec_dict
 from wd_sok.tools.rawids import dynamic_variant, parse_counts
 from wd_sok.tools.reference_metrics import (  # noqa: F401 - auc and group_starts are re-exported for callers
     MAP_K,
@@ -63,7 +64,6 @@ from wd_sok.tools.signal import (  # noqa: F401 - re-exported: the generator's p
     zipf_pmf,
     zipf_ranks,
 )
-from wd_sok.tools.transcode import SPEC_FILE, atomic_output_dir, check_parquet_dtypes, output_spec_dict
 
 MIN_GROUP, MAX_GROUP = 2, 12
 MULTIHOT_SEPARATOR = " "     # CSV encoding of a multi-hot cell: ids joined by this
