@@ -42,11 +42,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     raw.mkdir()
     for csv in REAL_SAMPLE.glob("*.csv"):
         shutil.copy(csv, raw / csv.name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         preprocess(raw, root / "fixed")
+        fixed_warnings = len(caught)
         preprocess(raw, root / "raw_ids", raw_ids=True, with_uuid=True)
-    return {"raw": raw, "fixed": root / "fixed", "raw_ids": root / "raw_ids"}
+    return {"raw": raw, "fixed": root / "fixed", "raw_ids": root / "raw_ids",
+            "warnings": [str(w.message) for w in caught[fixed_warnings:]]}
 
 
 def _expected(raw: Path, test_displays: set[int]) -> pd.DataFrame:
@@ -90,6 +92,8 @@ def test_raw_ids_survive_and_the_spec_says_dynamic(runs: dict) -> None:
     for name, count in by_hand.items():
         assert spec.cardinality(name) == count == train[name].nunique(), name
     assert spec.metadata["raw_ids"]["distinct_in_train"]["uuid"] == by_hand["uuid"]
+    meta_warning = [w for w in runs["warnings"] if "documents_meta.csv not found" in w]
+    assert len(meta_warning) == 1 and "(ids -1 (missing), CTRs 0.0" in meta_warning[0]
 
 
 def test_everything_else_equals_the_default_run(runs: dict) -> None:

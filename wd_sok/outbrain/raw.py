@@ -118,14 +118,19 @@ class SideTables:
     missing: list[str] = field(default_factory=list)
 
 
-def load_side_tables(input_dir: Path) -> SideTables:
+def _fills(name: str, raw_ids: bool) -> str:
+    """The fill values of table ``name``'s features, as the warnings say them (raw ids: -1 for missing)."""
+    return FILLS[name].replace("ids 0 (unknown)", f"ids {R.MISSING_ID} (missing)") if raw_ids else FILLS[name]
+
+
+def load_side_tables(input_dir: Path, raw_ids: bool = False) -> SideTables:
     """Read the optional tables; one :class:`OutbrainDataWarning` per missing one."""
     side = SideTables()
     for name in OPTIONAL:
         path = find_table(input_dir, name)
         if path is None:
             _warn(f"{Path(input_dir) / (name + '.csv')} not found: features {', '.join(AFFECTED[name])} "
-                  f"get fill values ({FILLS[name]})")
+                  f"get fill values ({_fills(name, raw_ids)})")
             side.missing.append(f"{name}.csv")
             continue
         df = read_table(path, OPTIONAL[name])
@@ -248,7 +253,7 @@ def stage(input_dir: str | Path, stage_dir: str | Path, seed: int = 0, chunk_row
     for name, path in paths.items():
         if path is None:
             raise FileNotFoundError(f"{input_dir / (name + '.csv')}: required Outbrain table not found")
-    side = load_side_tables(input_dir)
+    side = load_side_tables(input_dir, raw_ids)
     events = load_events(paths["events"], seed, raw_ids, with_uuid)
     logger.info("events: %d displays (%d train by the split rule)", len(events),
                 int(events["is_train"].sum()))
@@ -309,7 +314,7 @@ def stage(input_dir: str | Path, stage_dir: str | Path, seed: int = 0, chunk_row
         if covered < total:
             _warn(f"{find_table(input_dir, 'promoted_content')} covers {coverage:.1%} of the click rows "
                   f"({covered} of {total}): the other rows get fill values for "
-                  f"{', '.join(AFFECTED['promoted_content'])} ({FILLS['promoted_content']})")
+                  f"{', '.join(AFFECTED['promoted_content'])} ({_fills('promoted_content', raw_ids)})")
     test_files = []
     for b in sorted(bucket_chunks):
         part = pd.concat([pd.read_parquet(p) for p in bucket_chunks[b]], ignore_index=True)

@@ -59,10 +59,9 @@ def geo_raw_parts(geo: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def raw_column(values: Any) -> np.ndarray:
     """A staged id column [n] -> int64[n]: integer columns as they are, float ones (NaN = missing, integral
     values below 2**53) with NaN -> MISSING_ID. pandas or cudf."""
-    array = values.to_numpy() if hasattr(values, "to_numpy") else np.asarray(values)
-    if array.dtype.kind in "iu":
-        return array.astype(np.int64)
-    v = F.as_float(values)
+    if np.dtype(getattr(values, "dtype", np.asarray(values).dtype)).kind in "iu":  # no nulls: -1 is stored
+        return (values.to_numpy() if hasattr(values, "to_numpy") else np.asarray(values)).astype(np.int64)
+    v = F.as_float(values)  # float ids: pandas NaN or cudf nulls
     return np.where(np.isfinite(v), v, MISSING_ID).astype(np.int64)
 
 
