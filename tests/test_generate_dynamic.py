@@ -14,7 +14,7 @@ import pytest
 from tests.conftest import tiny_spec_dict
 from wd_sok.feature_spec import FeatureSpec
 from wd_sok.tools import generate as gen
-from wd_sok.tools.rawids import dynamic_variant, hash_string, hash_strings, parse_counts, scramble
+from wd_sok.tools.rawids import dynamic_variant, hash_string, hash_strings, parse_counts, parse_features, scramble
 
 M62 = (1 << 62) - 1
 
@@ -58,12 +58,13 @@ def test_string_hash_is_the_documented_blake2b() -> None:
 def test_dynamic_variant_carries_the_same_signal(tmp_path: Path) -> None:
     fixed = gen.generate(_tiny(), tmp_path / "fixed", 300, 200, train_files=2, test_files=2, seed=4)
     dyn = gen.generate(_tiny(), tmp_path / "dyn", 300, 200, train_files=2, test_files=2, seed=4,
-                       dynamic=["a", "m"])
-    assert dyn.pop("dynamic") == {"a": {"capacity": 7, "distinct": 7, "seen_in_train": 7},
+                       dynamic={"a": 3, "m": None})  # a table of 3 rows for 7 ids: the same data, evicting
+    assert dyn.pop("dynamic") == {"a": {"capacity": 3, "distinct": 7, "seen_in_train": 7},
                                   "m": {"capacity": 6, "distinct": 6, "seen_in_train": 6}}
     assert dyn == fixed  # Bayes AUC / MAP@12 / logloss, CTRs, groups: identical
     spec = FeatureSpec.from_yaml(tmp_path / "dyn" / "feature_spec.yaml")
-    assert spec.dynamic_features == ["a", "m"] and spec.cardinality("a") == 7 and spec.dtype("a") == "int64"
+    assert spec.dynamic_features == ["a", "m"] and spec.cardinality("a") == 3 and spec.dtype("a") == "int64"
+    assert spec.cardinality("m") == 6
     assert "cardinality" not in spec.feature_spec["a"] and spec.feature_spec["b"]["cardinality"] == 5
     for mapping in ("train", "test"):
         for name in ("part_0", "part_1"):
@@ -114,6 +115,10 @@ def test_bad_dynamic_requests(tmp_path: Path) -> None:
     for bad in ("0", "a=", "x", "a=-2"):
         with pytest.raises(ValueError, match=r"--dynamic_distinct: expected N or FEATURE=N"):
             parse_counts(bad, "--dynamic_distinct")
+    assert parse_features("a, b=40,", "--dynamic") == {"a": None, "b": 40}
+    for bad in ("a=0", "=3", "a=x"):
+        with pytest.raises(ValueError, match=r"--dynamic: expected FEATURE\[=N\]"):
+            parse_features(bad, "--dynamic")
 
 
 def test_cli_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -121,10 +126,10 @@ def test_cli_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _tiny().to_yaml(spec_path)
     args = ["--feature_spec_in", str(spec_path), "--train_rows", "200", "--test_rows", "100", "--train_files", "1",
             "--test_files", "1"]
-    assert gen.main([*args, "--output", str(tmp_path / "out"), "--dynamic", "a,b", "--dynamic_distinct",
+    assert gen.main([*args, "--output", str(tmp_path / "out"), "--dynamic", "a,b=2", "--dynamic_distinct",
                      "a=50"]) == 0
     report = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert {k: v["distinct"] for k, v in report["dynamic"].items()} == {"a": 50, "b": 5}
+    assert {k: (v["capacity"], v["distinct"]) for k, v in report["dynamic"].items()} == {"a": (7, 50), "b": (2, 5)}
     assert gen.main([*args, "--output", str(tmp_path / "bad"), "--dynamic_distinct", "7"]) == 0  # none dynamic
     assert gen.main([*args, "--output", str(tmp_path / "bad2"), "--dynamic", "zz"]) == 2
     assert "feature 'zz': --dynamic needs a categorical feature" in capsys.readouterr().err

@@ -21,7 +21,8 @@ Columns: one-hot ids int (spec dtype) in [0, cardinality), Zipf-skewed with expo
 1..max_hotness ids drawn the same way (duplicates inside a list are possible). A dynamic feature's ids are
 int64 raw ids in [0, 2**62): base id b in [0, n) (n distinct ids: the capacity, or ``dynamic_distinct``)
 written as ``scramble(b)`` (:mod:`wd_sok.tools.rawids`, a keyed bijection, so no two ids collide);
-``--dynamic F`` turns fixed feature F into such a feature with the same rows and labels; numerics standard normal;
+``--dynamic F[=C]`` turns fixed feature F into such a feature (capacity C, default its cardinality) with the
+same rows and labels; numerics standard normal;
 label 0/1; map ids strictly increasing per group with gaps of 1-3 (like a subset of real display ids).
 CSV files (``file_format="csv"``, for ``wd-sok-transcode``) have a header row; a multi-hot cell is its
 ids separated by one space (``"5 17 3"``). Train groups are kept contiguous too (the train mapping just
@@ -35,6 +36,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,7 @@ import pyarrow.parquet as pq
 
 from wd_sok.feature_spec import TEST, TRAIN, FeatureSpec, SpecError
 from wd_sok.tools.outdir import SPEC_FILE, atomic_output_dir, check_parquet_dtypes, output_spec_dict
-from wd_sok.tools.rawids import dynamic_variant, parse_counts
+from wd_sok.tools.rawids import dynamic_variant, parse_counts, parse_features
 from wd_sok.tools.reference_metrics import (  # noqa: F401 - auc and group_starts are re-exported for callers
     MAP_K,
     auc,
@@ -154,13 +156,14 @@ def csv_ready(table: pa.Table) -> pa.Table:
 
 def generate(spec: FeatureSpec, out_dir: str | Path, n_train: int, n_test: int, train_files: int = 4,
              test_files: int = 2, seed: int = 0, file_format: str = "parquet", overwrite: bool = False,
-             dynamic: list[str] | tuple[str, ...] = (), dynamic_distinct: dict[str, int] | int | None = None
-             ) -> dict[str, Any]:
+             dynamic: Sequence[str] | Mapping[str, int | None] = (),
+             dynamic_distinct: dict[str, int] | int | None = None) -> dict[str, Any]:
     """Write a synthetic dataset for ``spec`` into ``out_dir`` (see the module docstring); return the report.
 
-    ``dynamic``: fixed categorical features written as dynamic ones (``dynamic: {capacity: <cardinality>}``,
-    int64): the same rows and labels as without, each id replaced by its scramble. ``dynamic_distinct``: the
-    number of distinct ids of every dynamic feature (an int) or per feature (a dict); default: the capacity.
+    ``dynamic``: fixed categorical features written as dynamic ones (int64, ``dynamic: {capacity: C}``, C the
+    mapping's value or the cardinality): the same rows and labels as without, each id replaced by its
+    scramble, whatever C. ``dynamic_distinct``: the number of distinct ids of every dynamic feature (an int)
+    or per feature (a dict); default: the cardinality of a converted feature, else the capacity.
     The report (also ``out_dir/generator_report.json``) has ``rows`` {train, test}, ``bayes_auc``,
     ``bayes_logloss``, ``ctr`` {train, test}, ``train`` {bayes_auc, bayes_logloss}, only when the
     spec has a map channel ``groups`` {train, test}, ``bayes_map12`` and ``random_map12``, and only with
@@ -169,8 +172,9 @@ def generate(spec: FeatureSpec, out_dir: str | Path, n_train: int, n_test: int, 
     """
     if file_format not in FORMATS:
         raise ValueError(f"file_format must be one of {', '.join(FORMATS)}, got {file_format!r}")
+    converted = {n: spec.cardinality(n) for n in dynamic if n in spec.categorical and spec.dynamic(n) is None}
     if dynamic:
-        spec = FeatureSpec.from_dict(dynamic_variant(spec.to_dict(), list(dynamic), spec.origin),
+        spec = FeatureSpec.from_dict(dynamic_variant(spec.to_dict(), dynamic, spec.origin),
                                      base_directory=spec.base_directory, origin=spec.origin, allow_csv=True)
     check_parquet_dtypes(spec)        # CSV output is only for the transcoder, which writes parquet
     for name in spec.dynamic_features:
@@ -179,7 +183,7 @@ def generate(spec: FeatureSpec, out_dir: str | Path, n_train: int, n_test: int, 
                              f"not {spec.dtype(name)}")
     if isinstance(dynamic_distinct, int):
         dynamic_distinct = dict.fromkeys(spec.dynamic_features, dynamic_distinct)
-    signal = planted_signal(spec, seed, dynamic_distinct)
+    signal = planted_signal(spec, seed, converted | (dynamic_distinct or {}))
     ext = file_format
     report: dict[str, Any] = {"rows": {TRAIN: n_train, TEST: n_test}, "seed": seed, "format": file_format}
     files: dict[str, list[str]] = {}
@@ -244,19 +248,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--format", choices=FORMATS, default="parquet")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--dynamic", default="", metavar="FEATURE[,FEATURE]",
-                        help="write these fixed categorical features as dynamic ones (capacity = their "
-                             "cardinality, int64 raw ids = a scramble of the fixed ids: same rows and labels)")
+    parser.add_argument("--dynamic", default="", metavar="FEATURE[=CAPACITY][,...]",
+                        help="write these fixed categorical features as dynamic ones (capacity: CAPACITY, "
+                             "default their cardinality; int64 raw ids = a scramble of the fixed ids: the same "
+                             "rows and labels whatever the capacity)")
     parser.add_argument("--dynamic_distinct", default="", metavar="N|FEATURE=N[,...]",
-                        help="distinct ids of every (or of each named) dynamic feature; more than the capacity "
-                             "makes the tables evict (default: the capacity)")
+                        help="distinct ids of every (or of each named) dynamic feature (default: a --dynamic "
+                             "feature's cardinality, else the capacity)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         spec = FeatureSpec.from_yaml(args.feature_spec_in, allow_csv=True)
         report = generate(spec, args.output, args.train_rows, args.test_rows, args.train_files,
                           args.test_files, args.seed, args.format, args.overwrite,
-                          [f.strip() for f in args.dynamic.split(",") if f.strip()],
+                          parse_features(args.dynamic, "--dynamic"),
                           parse_counts(args.dynamic_distinct, "--dynamic_distinct"))
     except (SpecError, ValueError, OSError) as e:
         print(f"wd-sok-generate: error: {e}", file=sys.stderr)

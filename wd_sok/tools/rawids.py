@@ -11,13 +11,15 @@
 * :func:`scramble` maps the generator's small ids ``[0, n)`` to ids spread over ``[0, 2**62)``: a bijection of
   the 62-bit integers keyed by (seed, feature), so distinct ids stay distinct (no collisions, ever).
 * :func:`dynamic_variant` rewrites a spec so chosen fixed features become ``dynamic: {capacity: <cardinality>}``
-  (same planted data, raw ids), and :func:`parse_counts` reads ``N`` / ``FEATURE=N,...`` flags.
+  (same planted data, raw ids); :func:`parse_counts` / :func:`parse_features` read ``N`` / ``FEATURE[=N],...``
+  flags.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,16 +95,36 @@ def parse_counts(text: str, what: str) -> dict[str, int] | int | None:
         raise ValueError(f"{what}: expected N or FEATURE=N[,FEATURE=N] with N >= 1, got {text!r}") from None
 
 
-def dynamic_variant(raw: dict[str, Any], features: list[str], origin: str = "<feature spec>") -> dict[str, Any]:
-    """A copy of spec dict ``raw`` whose fixed categorical ``features`` are dynamic, capacity = cardinality.
+def parse_features(text: str, what: str) -> dict[str, int | None]:
+    """``"f,g=N"`` -> {f: None, g: N} (feature names, each with an optional count >= 1); ValueError otherwise."""
+    out: dict[str, int | None] = {}
+    for item in (i.strip() for i in text.split(",")):
+        if not item:
+            continue
+        name, sep, number = (p.strip() for p in item.partition("="))
+        try:
+            value = int(number) if sep else None
+        except ValueError:
+            value = 0
+        if not name or (value is not None and value < 1):
+            raise ValueError(f"{what}: expected FEATURE[=N][,FEATURE[=N]] with N >= 1, got {text!r}")
+        out[name] = value
+    return out
 
-    Each becomes ``{dtype: int64, dynamic: {capacity: <its cardinality>}, ...}`` (``cardinality`` and
-    ``placement`` dropped, other keys kept). ValueError for a name that is not a fixed categorical feature.
+
+def dynamic_variant(raw: dict[str, Any], features: Sequence[str] | Mapping[str, int | None],
+                    origin: str = "<feature spec>") -> dict[str, Any]:
+    """A copy of spec dict ``raw`` whose fixed categorical ``features`` are dynamic.
+
+    Each becomes ``{dtype: int64, dynamic: {capacity: C}, ...}`` with C the mapping's value, or the feature's
+    cardinality (a name list, or a None value); ``cardinality`` and ``placement`` are dropped, other keys kept.
+    ValueError for a name that is not a fixed categorical feature.
     """
+    capacity = dict(features) if isinstance(features, Mapping) else dict.fromkeys(features)
     out = copy.deepcopy(raw)
     channels = out.get("channel_spec") or {}
     categorical = list(channels.get("onehot_categorical") or []) + list(channels.get("multihot_categorical") or [])
-    for name in features:
+    for name in capacity:
         props = (out.get("feature_spec") or {}).get(name)
         if name not in categorical or not isinstance(props, dict):
             raise ValueError(f"{origin}: feature '{name}': --dynamic needs a categorical feature "
@@ -112,5 +134,5 @@ def dynamic_variant(raw: dict[str, Any], features: list[str], origin: str = "<fe
         card = props.pop("cardinality", None)
         props.pop("placement", None)
         props["dtype"] = "int64"
-        props["dynamic"] = {"capacity": card}
+        props["dynamic"] = {"capacity": capacity[name] or card}
     return out
