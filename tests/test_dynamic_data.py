@@ -93,3 +93,17 @@ def test_dynamic_features_keep_the_other_checks(tmp_path: Path) -> None:
         check_file(path, fixed_spec, columns)
     assert rules(fixed_spec, columns, "reject") != rules(spec, columns, "reject")
     assert rules(spec, columns, "reject")["columns"]["b"]["dynamic"] is True
+
+
+def test_a_narrower_int_dtype_still_reaches_the_batch_as_int64(tmp_path: Path) -> None:
+    spec = tiny_spec_dict(n_train_files=1, n_test_files=1)
+    spec["feature_spec"]["a"] = {"dtype": "int32", "dynamic": {"capacity": 2}, "embedding_dim": 3}
+    for mapping in ("train", "test"):
+        (tmp_path / mapping).mkdir()
+        df = tiny_frame(20, seed=1)
+        df["a"] = np.arange(-10, 10, dtype=np.int32) * 200_000_000  # beyond [0, capacity), within int32
+        (df.drop(columns=["d"]) if mapping == "train" else df).to_parquet(tmp_path / f"{mapping}/part_0.parquet")
+    (tmp_path / "feature_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    batch = DataLoader(FeatureSpec.from_yaml(tmp_path / "feature_spec.yaml"), "train", 32).first()
+    assert batch.categorical["a"].dtype.name == "int64"
+    assert batch.categorical["a"].numpy().tolist() == [i * 200_000_000 for i in range(-10, 10)]
