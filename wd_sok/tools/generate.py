@@ -48,6 +48,13 @@ import pyarrow.parquet as pq
 
 from wd_sok.feature_spec import TEST, TRAIN, FeatureSpec, SpecError
 from wd_sok.tools.outdir import SPEC_FILE, atomic_output_dir, check_parquet_dtypes, output_spec_dict
+from wd_sok.tools.planted import (  # noqa: F401 - re-exported: the generator's public names
+    ZIPF_EXPONENT,
+    PlantedSignal,
+    planted_signal,
+    zipf_pmf,
+    zipf_ranks,
+)
 from wd_sok.tools.rawids import dynamic_variant, parse_counts, parse_features
 from wd_sok.tools.reference_metrics import (  # noqa: F401 - auc and group_starts are re-exported for callers
     MAP_K,
@@ -58,13 +65,6 @@ from wd_sok.tools.reference_metrics import (  # noqa: F401 - auc and group_start
     map_at_k,
     random_map_at_k,
     sigmoid,
-)
-from wd_sok.tools.signal import (  # noqa: F401 - re-exported: the generator's public names
-    ZIPF_EXPONENT,
-    PlantedSignal,
-    planted_signal,
-    zipf_pmf,
-    zipf_ranks,
 )
 
 MIN_GROUP, MAX_GROUP = 2, 12
