@@ -2,6 +2,7 @@
 # Preprocess the Outbrain Click Prediction CSVs into parquet parts + feature_spec.yaml.
 # Usage: scripts/preproc.sh INPUT_DIR OUTPUT_DIR [--seed N] [--min-parts N] [--rows-per-part N]
 #                           [--chunk-rows N] [--device auto|cpu|gpu] [--overwrite] [--quiet]
+#                           [--raw-ids [--uuid] [--raw-capacity N|FEATURE=N,...]]
 # INPUT_DIR holds clicks_train.csv and events.csv (required) and promoted_content.csv, documents_meta.csv,
 # documents_topics.csv, documents_entities.csv, documents_categories.csv (optional; a missing one gives one
 # warning and fill values). Uses the repository's .venv/bin/python when present, else python3.

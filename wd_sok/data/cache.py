@@ -2,9 +2,10 @@
 
 A file that passed :func:`wd_sok.data.checks.check_file` is recorded under a key made of its resolved path,
 size, modification time (ns), a hash of its parquet footer and a hash of what was checked (columns, their
-dtypes / cardinalities / max_hotness, the NaN policy, the map-order rule, the checks' version). Any change to
-the file or to the rules gives another key, so a stale verdict is never used. Only passes are recorded, and
-only when the run is known to start (:meth:`VerdictCache.commit`): a rejected run writes nothing.
+dtypes / cardinalities / max_hotness / whether dynamic, the NaN policy, the map-order rule, the checks'
+version). Any change to the file or to the rules gives another key, so a stale verdict is never used. Only
+passes are recorded, and only when the run is known to start (:meth:`VerdictCache.commit`): a rejected run
+writes nothing.
 
 Where: ``<dataset>/.wd_sok_cache/verdicts/`` when the dataset folder is writable, else
 ``$XDG_CACHE_HOME/wd-sok/verdicts/`` (``~/.cache/wd-sok``); ``WD_SOK_CACHE_DIR`` overrides both, and
@@ -18,7 +19,7 @@ import json
 import os
 from pathlib import Path
 
-CHECKS_VERSION = 2  # bump when check_file's rules change: older verdicts are then ignored
+CHECKS_VERSION = 3  # bump when check_file's rules change: older verdicts are then ignored
 
 
 def cache_root(dataset_dir: Path) -> Path | None:

@@ -1,7 +1,8 @@
 """One pass over a rank's parquet files before training: every value the model would choke on is named.
 
 Checks, per file and column (pyarrow compute; no Python loop over rows):
-  - categorical ids in [0, cardinality)  (one-hot, and every id inside multi-hot lists);
+  - categorical ids in [0, cardinality)  (one-hot, and every id inside multi-hot lists); a dynamic feature's
+    ids are any int64 (negative included): only integer type, nulls and list lengths are checked;
   - multi-hot lists no longer than max_hotness, and no null inside a list;
   - numerical values finite (NaN, null or inf rejected, unless the run fills them with 0: ``--nan_policy zero``);
   - labels in {0, 1};
@@ -33,7 +34,7 @@ def _first(mask: pa.Array | np.ndarray) -> int:
 def rules(spec: FeatureSpec, columns: list[str], nan_policy: str) -> dict:
     """What :func:`check_file` checks, as JSON (the verdict cache's key: other rules, other verdicts)."""
     return {"columns": {n: {k: spec.feature_spec[n].get(k) for k in ("dtype", "cardinality", "max_hotness")}
-                        for n in columns},
+                        | {"dynamic": n in spec.categorical and spec.dynamic(n) is not None} for n in columns},
             "categorical": [n for n in columns if n in spec.categorical], "label": spec.label,
             "numerical": [n for n in columns if n in spec.numerical], "map": spec.map_feature in columns,
             "multihot": [n for n in columns if n in spec.multihot], "nan_policy": nan_policy}
@@ -52,6 +53,7 @@ def check_file(path: Path, spec: FeatureSpec, columns: list[str], nan_policy: st
             row = _first(col.is_null())
             raise fail("missing value", row, None)
         if name in spec.categorical:
+            dynamic = spec.dynamic(name) is not None
             card = spec.cardinality(name)
             if name in spec.multihot:
                 lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
@@ -68,6 +70,10 @@ def check_file(path: Path, spec: FeatureSpec, columns: list[str], nan_policy: st
             else:
                 values = col.to_numpy(zero_copy_only=False)
                 owner = np.arange(len(col))
+            if values.dtype.kind not in "iu":
+                raise fail(f"ids must be integers, got {values.dtype}", 0, values[:1].tolist())
+            if dynamic:
+                continue  # any int64 id is valid (the loader checked the column dtype)
             bad = (values < 0) | (values >= card)
             if bad.any():
                 i = _first(bad)

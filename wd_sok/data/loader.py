@@ -221,13 +221,14 @@ class DataLoader:
     def _to_batch(self, inputs: dict) -> Batch:
         spec = self.spec
         categorical: dict[str, tf.Tensor | tf.RaggedTensor] = {}
-        for name in spec.onehot:
-            categorical[name] = inputs[name]
+        for name in spec.onehot:  # dynamic features: int64 whatever the file's int type (raw ids)
+            categorical[name] = inputs[name] if spec.dynamic(name) is None else tf.cast(inputs[name], tf.int64)
         for name in spec.multihot:
+            dtype = "int64" if spec.dynamic(name) is not None else spec.dtype(name)
             if name in inputs:  # declared fixed-shape list: dense [B, k]
-                categorical[name] = tf.RaggedTensor.from_tensor(inputs[name])
+                categorical[name] = tf.RaggedTensor.from_tensor(tf.cast(inputs[name], dtype))
             else:
-                values = tf.cast(inputs[f"{name}__values"], spec.dtype(name))  # a batch of no ids comes as int64
+                values = tf.cast(inputs[f"{name}__values"], dtype)  # a batch of no ids comes as int64
                 categorical[name] = tf.RaggedTensor.from_row_splits(
                     values, tf.cast(inputs[f"{name}__offsets"], tf.int64), validate=False)
         label = tf.reshape(tf.cast(inputs[spec.label], tf.float32), [-1])

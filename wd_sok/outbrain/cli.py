@@ -27,6 +27,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
                    help="NVTabular backend: auto = GPU if cudf can use one, else CPU (default auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset in OUTPUT_DIR")
+    p.add_argument("--raw-ids", action="store_true",
+                   help="keep the 12 id features as int64 raw ids (strings: low 63 bits of BLAKE2b-64; missing: -1) "
+                        "declared dynamic, instead of hashing them into fixed buckets (default off)")
+    p.add_argument("--uuid", action="store_true",
+                   help="add the events' uuid (the user) as a dynamic one-hot feature; needs --raw-ids (default off)")
+    p.add_argument("--raw-capacity", default="", metavar="N|FEATURE=N[,...]",
+                   help="dynamic capacity of every (or each named) raw-id feature "
+                        "(default: its number of distinct ids in the train split)")
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
     return p.parse_args(argv)
 
@@ -38,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from wd_sok.outbrain.pipeline import preprocess
+    from wd_sok.tools.rawids import parse_counts
 
     try:
         result = preprocess(args.input_dir, args.output_dir, seed=args.seed, rows_per_part=args.rows_per_part,
                             min_parts=args.min_parts, chunk_rows=args.chunk_rows, device=args.device,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, raw_ids=args.raw_ids, with_uuid=args.uuid,
+                            raw_capacity=parse_counts(args.raw_capacity, "--raw-capacity"))
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,10 @@
 """Write the transformed splits as parquet parts and the ``feature_spec.yaml`` that describes them.
 
-Part files: ``{split}/part_{i}.parquet`` with the final dtypes (one-hot int32, multi-hot ``list<int32>`` of
+Part files: ``{split}/part_{i}.parquet`` with the final dtypes (one-hot int32, or int64 raw ids with
+``--raw-ids``, see :mod:`~wd_sok.outbrain.rawids`; multi-hot ``list<int32>`` of
 1..3 ids, numerical and label float32, ``display_id`` int64 in test only). Train parts are cut at any row;
 test parts are cut only where ``display_id`` changes, so a display never spans two files (the test split
-arrives sorted by display_id). Every categorical id is checked to lie in ``[0, cardinality)``.
+arrives sorted by display_id). Every fixed categorical id is checked to lie in ``[0, cardinality)``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 
 from wd_sok.feature_spec import FeatureSpec
 from wd_sok.outbrain import features as F
+from wd_sok.outbrain import rawids as R
 
 
 def part_plan(total_rows: int, rows_per_part: int, min_parts: int) -> int:
@@ -39,11 +41,21 @@ def multihot_array(slots: np.ndarray) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(slots[keep].astype(np.int32)))
 
 
-def to_table(df: pd.DataFrame, with_map: bool) -> pa.Table:
-    """Workflow output (pandas) -> arrow table in the spec's column order and dtypes; checks id ranges."""
+def to_table(df: pd.DataFrame, with_map: bool, raw: R.DistinctIds | None = None) -> pa.Table:
+    """Workflow output (pandas) -> arrow table in the spec's column order and dtypes; checks id ranges.
+
+    ``raw``: the raw-id features (:mod:`~wd_sok.outbrain.rawids`), written int64 unchecked (``uuid`` after the
+    other one-hot features); their values are recorded in it when it ``collects`` (the train split).
+    """
     columns: dict[str, pa.Array] = {}
-    for name in F.ONEHOT_COLUMNS:
+    raw_names = list(raw.parts) if raw is not None else []
+    for name in F.ONEHOT_COLUMNS + [n for n in raw_names if n not in F.ONEHOT_COLUMNS]:
         values = df[name].to_numpy()
+        if name in raw_names:
+            if raw.collects:
+                raw.observe(name, values)
+            columns[name] = pa.array(values.astype(np.int64))
+            continue
         _check_range(name, values)
         columns[name] = pa.array(values.astype(np.int32))
     for name in F.MULTIHOT_COLUMNS:
@@ -76,9 +88,11 @@ def _display_cut(display_ids: np.ndarray, target: int) -> int:
     return int(before[-1]) if len(before) else int(boundaries[0])
 
 
-def write_parts(frames: Iterable[Any], out_dir: Path, split: str, target_rows: int) -> list[str]:
+def write_parts(frames: Iterable[Any], out_dir: Path, split: str, target_rows: int,
+                raw: R.DistinctIds | None = None) -> list[str]:
     """Write the workflow output ``frames`` (in order) as ``out_dir/split/part_{i}.parquet`` of about
-    ``target_rows`` rows; returns the paths relative to ``out_dir``. Test parts end on display boundaries."""
+    ``target_rows`` rows; returns the paths relative to ``out_dir``. Test parts end on display boundaries.
+    ``raw``: see :func:`to_table`."""
     test = split == "test"
     folder = out_dir / split
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,7 +110,7 @@ def write_parts(frames: Iterable[Any], out_dir: Path, split: str, target_rows: i
             frame = frame.to_pandas()
         if not len(frame):
             continue
-        buffer.append(to_table(frame, with_map=test))
+        buffer.append(to_table(frame, with_map=test, raw=raw))
         buffered += len(frame)
         while buffered > target_rows:
             table = pa.concat_tables(buffer)
@@ -111,16 +125,26 @@ def write_parts(frames: Iterable[Any], out_dir: Path, split: str, target_rows: i
         flush(pa.concat_tables(buffer))
     if not written:  # an empty split still gets one (empty) file so the spec stays valid
         names = F.ONEHOT_COLUMNS + [s for m in F.MULTIHOT_COLUMNS for s in F.slot_columns(m)] + \
-            F.NUMERIC_COLUMNS + [F.LABEL_COLUMN, F.DISPLAY_ID_COLUMN]
-        flush(to_table(pd.DataFrame({n: np.zeros(0, dtype=np.int64) for n in names}), with_map=test))
+            F.NUMERIC_COLUMNS + [F.LABEL_COLUMN, F.DISPLAY_ID_COLUMN] + list(raw.parts if raw else [])
+        flush(to_table(pd.DataFrame({n: np.zeros(0, dtype=np.int64) for n in names}), with_map=test, raw=raw))
     return written
 
 
-def build_spec(out_dir: Path, train_files: list[str], test_files: list[str],
-               metadata: dict[str, Any]) -> FeatureSpec:
-    """The validated spec of the written dataset (embedding sizes live in the spec, nowhere else)."""
+def build_spec(out_dir: Path, train_files: list[str], test_files: list[str], metadata: dict[str, Any],
+               capacities: dict[str, int] | None = None) -> FeatureSpec:
+    """The validated spec of the written dataset (embedding sizes live in the spec, nowhere else).
+
+    ``capacities``: raw-id features -> their dynamic capacity (``uuid`` among them is appended to the one-hot
+    channel); they are declared ``dynamic: {capacity}``, int64.
+    """
+    capacities = dict(capacities or {})
+    onehot = F.ONEHOT_COLUMNS + [n for n in capacities if n not in F.ONEHOT_COLUMNS]
     feature_spec: dict[str, dict[str, Any]] = {}
-    for name in F.ONEHOT_COLUMNS:
+    for name in onehot:
+        if name in capacities:
+            dim = F.EMBEDDING_DIMS.get(name, R.UUID_EMBEDDING_DIM)
+            feature_spec[name] = {"dtype": "int64", "dynamic": {"capacity": capacities[name]}, "embedding_dim": dim}
+            continue
         feature_spec[name] = {"dtype": "int32", "cardinality": F.HASH_BUCKETS[name],
                               "embedding_dim": F.EMBEDDING_DIMS[name]}
     for name in F.MULTIHOT_COLUMNS:
@@ -130,9 +154,9 @@ def build_spec(out_dir: Path, train_files: list[str], test_files: list[str],
         feature_spec[name] = {"dtype": "float32"}
     feature_spec[F.LABEL_COLUMN] = {"dtype": "float32"}
     feature_spec[F.DISPLAY_ID_COLUMN] = {"dtype": "int64"}
-    train_features = F.ONEHOT_COLUMNS + F.MULTIHOT_COLUMNS + F.NUMERIC_COLUMNS + [F.LABEL_COLUMN]
+    train_features = onehot + F.MULTIHOT_COLUMNS + F.NUMERIC_COLUMNS + [F.LABEL_COLUMN]
     raw = {
-        "channel_spec": {"onehot_categorical": list(F.ONEHOT_COLUMNS),
+        "channel_spec": {"onehot_categorical": list(onehot),
                          "multihot_categorical": list(F.MULTIHOT_COLUMNS),
                          "numerical": list(F.NUMERIC_COLUMNS), "label": [F.LABEL_COLUMN],
                          "map": [F.DISPLAY_ID_COLUMN]},

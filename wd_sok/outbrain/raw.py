@@ -20,6 +20,7 @@ Staged columns: display_id (int64), ad_id (int64), clicked (float32); raw ids do
 geo_location{,_country,_state}, document_id_promo, campaign_id, advertiser_id, source_id, publisher_id,
 source_id_promo, publisher_id_promo (float64, NaN = missing); the 2 ``*_days_since_published`` (float64 days,
 NaN = missing); the 3 similarities (float32); multi-hot slots ``{name}_0.._2`` (float64 raw term ids, NaN).
+With ``raw_ids`` the 3 geo columns are int64 raw ids (-1 = missing) and ``with_uuid`` adds ``uuid`` (int64).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from wd_sok.outbrain import features as F
+from wd_sok.outbrain import rawids as R
 
 logger = logging.getLogger("wd_sok.outbrain")
 
@@ -116,14 +118,19 @@ class SideTables:
     missing: list[str] = field(default_factory=list)
 
 
-def load_side_tables(input_dir: Path) -> SideTables:
+def _fills(name: str, raw_ids: bool) -> str:
+    """The fill values of table ``name``'s features, as the warnings say them (raw ids: -1 for missing)."""
+    return FILLS[name].replace("ids 0 (unknown)", f"ids {R.MISSING_ID} (missing)") if raw_ids else FILLS[name]
+
+
+def load_side_tables(input_dir: Path, raw_ids: bool = False) -> SideTables:
     """Read the optional tables; one :class:`OutbrainDataWarning` per missing one."""
     side = SideTables()
     for name in OPTIONAL:
         path = find_table(input_dir, name)
         if path is None:
             _warn(f"{Path(input_dir) / (name + '.csv')} not found: features {', '.join(AFFECTED[name])} "
-                  f"get fill values ({FILLS[name]})")
+                  f"get fill values ({_fills(name, raw_ids)})")
             side.missing.append(f"{name}.csv")
             continue
         df = read_table(path, OPTIONAL[name])
@@ -148,10 +155,13 @@ def load_side_tables(input_dir: Path) -> SideTables:
     return side
 
 
-def load_events(path: Path, seed: int) -> pd.DataFrame:
+def load_events(path: Path, seed: int, raw_ids: bool = False, with_uuid: bool = False) -> pd.DataFrame:
     """events.csv -> DataFrame indexed by display_id (unique, sorted) with document_id, timestamp, platform,
-    the 3 geo ids (float64, see :func:`~wd_sok.outbrain.features.geo_parts`), day (int64), is_train (bool)."""
-    ev = read_table(path, REQUIRED["events"], dtype={"geo_location": "category"})
+    the 3 geo ids (float64, see :func:`~wd_sok.outbrain.features.geo_parts`; with ``raw_ids`` int64 raw ids,
+    see :func:`~wd_sok.outbrain.rawids.geo_raw_parts`), ``uuid`` (int64 raw ids, only ``with_uuid``),
+    day (int64), is_train (bool)."""
+    columns = REQUIRED["events"] + (["uuid"] if with_uuid else [])
+    ev = read_table(path, columns, dtype={"geo_location": "category", "uuid": object})
     ev = ev.dropna(subset=["display_id", "timestamp"])
     n = len(ev)
     ev = ev.drop_duplicates("display_id")
@@ -163,8 +173,12 @@ def load_events(path: Path, seed: int) -> pd.DataFrame:
     # geo string ids, computed once per distinct geo_location (category codes -> ids)
     geo = ev.pop("geo_location").astype("category")
     codes = geo.cat.codes.to_numpy()
-    for col, ids in zip(GEO_COLUMNS, F.geo_parts(pd.Series(geo.cat.categories.astype(object))), strict=True):
-        ev[col] = np.where(codes >= 0, ids[np.maximum(codes, 0)] if len(ids) else np.nan, np.nan)
+    parts = (R.geo_raw_parts if raw_ids else F.geo_parts)(pd.Series(geo.cat.categories.astype(object)))
+    missing = R.MISSING_ID if raw_ids else np.nan
+    for col, ids in zip(GEO_COLUMNS, parts, strict=True):
+        ev[col] = np.where(codes >= 0, ids[np.maximum(codes, 0)] if len(ids) else missing, missing)
+    if with_uuid:
+        ev["uuid"] = R.string_raw_ids(ev["uuid"])
     ev["is_train"] = F.is_train(ev["day"].to_numpy(), F.display_uniform(ev.index.to_numpy(), seed))
     return ev
 
@@ -178,8 +192,8 @@ def join_chunk(clicks: pd.DataFrame, events: pd.DataFrame, side: SideTables) -> 
                         "clicked": clicks["clicked"].to_numpy(np.float32)})
     out["document_id"] = F.as_float(ev["document_id"])
     out["platform"] = F.as_float(ev["platform"])
-    for col in GEO_COLUMNS:
-        out[col] = ev[col].to_numpy(np.float64)
+    for col in GEO_COLUMNS + (("uuid",) if "uuid" in ev else ()):  # int64 raw ids with --raw-ids
+        out[col] = ev[col].to_numpy(ev[col].dtype)
     n = len(out)
     nan = np.full(n, np.nan)
     if side.promoted is not None:
@@ -231,15 +245,16 @@ def _write(df: pd.DataFrame, path: Path) -> None:
 
 
 def stage(input_dir: str | Path, stage_dir: str | Path, seed: int = 0, chunk_rows: int = 5_000_000,
-          test_bucket_displays: int = 2_000_000) -> StageResult:
-    """Join, split and stage the raw data (see module docstring); returns the staged files and counts."""
+          test_bucket_displays: int = 2_000_000, raw_ids: bool = False, with_uuid: bool = False) -> StageResult:
+    """Join, split and stage the raw data (see module docstring); returns the staged files and counts.
+    ``raw_ids`` / ``with_uuid``: string ids as int64 raw ids, and a ``uuid`` column (:mod:`~wd_sok.outbrain.rawids`)."""
     input_dir, stage_dir = Path(input_dir), Path(stage_dir)
     paths = {name: find_table(input_dir, name) for name in REQUIRED}
     for name, path in paths.items():
         if path is None:
             raise FileNotFoundError(f"{input_dir / (name + '.csv')}: required Outbrain table not found")
-    side = load_side_tables(input_dir)
-    events = load_events(paths["events"], seed)
+    side = load_side_tables(input_dir, raw_ids)
+    events = load_events(paths["events"], seed, raw_ids, with_uuid)
     logger.info("events: %d displays (%d train by the split rule)", len(events),
                 int(events["is_train"].sum()))
     test_ids = events.index.to_numpy()[~events["is_train"].to_numpy()]
@@ -299,7 +314,7 @@ def stage(input_dir: str | Path, stage_dir: str | Path, seed: int = 0, chunk_row
         if covered < total:
             _warn(f"{find_table(input_dir, 'promoted_content')} covers {coverage:.1%} of the click rows "
                   f"({covered} of {total}): the other rows get fill values for "
-                  f"{', '.join(AFFECTED['promoted_content'])} ({FILLS['promoted_content']})")
+                  f"{', '.join(AFFECTED['promoted_content'])} ({_fills('promoted_content', raw_ids)})")
     test_files = []
     for b in sorted(bucket_chunks):
         part = pd.concat([pd.read_parquet(p) for p in bucket_chunks[b]], ignore_index=True)

@@ -4,6 +4,7 @@ multi-hot vocabularies) plus the id hashing, applied identically to train and te
 Graph (inputs are the staged columns of :mod:`wd_sok.outbrain.raw`)::
 
     12 raw ids            >> LambdaOp(hash_ids)                              -> int32 one-hot ids
+                             (--raw-ids: >> LambdaOp(raw_column)             -> int64 raw ids, + uuid)
     platform              >> LambdaOp(encode_platform)                       -> int32
     CTR_INPUTS            >> TrainKeyStats(clicked)   -> *_ctr (float32), ad_id_count, document_id_promo_count
     *_count               >> LogOp (log1p) >> Normalize (train mean/std)     -> float32
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from wd_sok.outbrain import features as F
+from wd_sok.outbrain import rawids as R
 
 with warnings.catch_warnings():  # merlin warns that its torch/triton dtype mappings are absent
     warnings.filterwarnings("ignore", message=".*dtype mappings did not load.*", category=UserWarning)
@@ -49,6 +51,10 @@ def _to_pandas(obj: Any) -> Any:
 
 def _hash_column(col: Any) -> Any:
     return _like(col, F.hash_ids(col, F.HASH_BUCKETS[col.name]))
+
+
+def _raw_id_column(col: Any) -> Any:
+    return _like(col, R.raw_column(col))
 
 
 def _platform_column(col: Any) -> Any:
@@ -200,12 +206,21 @@ class TrainVocabulary(StatOperator):
         self.vocab = {}
 
 
-def build_workflow() -> Any:
-    """The (unfitted) ``nvtabular.Workflow``; fit it on the staged train split only."""
+def build_workflow(raw_features: list[str] | None = None) -> Any:
+    """The (unfitted) ``nvtabular.Workflow``; fit it on the staged train split only.
+
+    ``raw_features`` (``--raw-ids``, :mod:`~wd_sok.outbrain.rawids`): these id columns pass through as int64
+    raw ids (-1 = missing) instead of being hashed into buckets.
+    """
     import nvtabular as nvt
     from nvtabular import ops
 
-    hashed = HASHED_COLUMNS >> ops.LambdaOp(_hash_column, dtype=np.int32)
+    raw = list(raw_features or [])
+    fixed = [c for c in HASHED_COLUMNS if c not in raw]
+    hashed = fixed >> ops.LambdaOp(_hash_column, dtype=np.int32) if fixed else None
+    if raw:
+        raw_ids = raw >> ops.LambdaOp(_raw_id_column, dtype=np.int64)
+        hashed = raw_ids if hashed is None else hashed + raw_ids
     platform = ["platform"] >> ops.LambdaOp(_platform_column, dtype=np.int32)
     stats = F.CTR_INPUTS >> TrainKeyStats(count_columns=("ad_id", "document_id_promo"))
     ctr = stats[[f"{c}_ctr" for c in F.CTR_INPUTS]]

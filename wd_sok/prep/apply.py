@@ -28,7 +28,7 @@ from wd_sok.prep.options import OPTIONS_FILE, SPEC_FILE, WORKFLOW_DIR, PrepOptio
 from wd_sok.prep.pipeline import PrepResult, use_cpu
 from wd_sok.prep.spec import build_spec
 from wd_sok.prep.stage import Stager, expand
-from wd_sok.tools.transcode import atomic_output_dir
+from wd_sok.tools.outdir import atomic_output_dir
 
 
 def _load(prep_dir: Path) -> tuple[PrepOptions, dict, FeatureSpec]:

@@ -27,7 +27,7 @@ from wd_sok.prep.options import OPTIONS_FILE, SPEC_FILE, WORKFLOW_DIR, PrepOptio
 from wd_sok.prep.spec import build_spec, column_dtypes
 from wd_sok.prep.stage import Stager, StageStats, expand
 from wd_sok.prep.workflow import fit, log_columns
-from wd_sok.tools.transcode import atomic_output_dir
+from wd_sok.tools.outdir import atomic_output_dir
 
 logger = logging.getLogger("wd_sok.prep")
 

@@ -1,9 +1,12 @@
 """CSV -> parquet transcoder for feature-spec datasets (``wd-sok-transcode``).
 
 Input: a feature spec whose chunks are CSV files with a header row naming the columns (extra columns are
-ignored). Cells: one-hot and map ids are integers; numerical and label values are finite floats (labels in
-[0, 1]); a multi-hot cell is its ids separated by spaces (``"5 17 3"``, as ``wd-sok-generate`` writes;
-the reference's ``"[5, 17, 3]"`` is accepted too), an empty cell being an empty list. A mapping split
+ignored). Cells: one-hot and map ids are integers, in [0, cardinality) unless the feature is dynamic (any
+int64); a dynamic feature named in ``--hash_ids`` takes any text instead (string ids such as uuids), each id
+stored as :func:`wd_sok.tools.rawids.hash_string` of its trimmed text (low 63 bits of its BLAKE2b-64);
+numerical and label values are finite floats (labels in [0, 1]); a multi-hot cell is its ids separated by
+spaces (``"5 17 3"``, as ``wd-sok-generate`` writes; the reference's ``"[5, 17, 3]"`` is accepted too), an
+empty cell being an empty list. A mapping split
 into several chunks is joined column-wise by row position. Map ids must not decrease along the test files.
 
 Output (written to a temporary folder beside ``--output``, renamed into place only when complete):
@@ -20,9 +23,7 @@ import argparse
 import csv
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from wd_sok.feature_spec import CHANNELS, TEST, TRAIN, FeatureSpec, SpecError
+from wd_sok.tools.outdir import SPEC_FILE, atomic_output_dir, check_parquet_dtypes, output_spec_dict
+from wd_sok.tools.rawids import hash_strings
 
-SPEC_FILE = "feature_spec.yaml"
 DEFAULT_CHUNK_SIZE = 1 << 20
 READ_BLOCK_BYTES = 1 << 24
 INT_PATTERN = r"^-?[0-9]+$"
@@ -43,55 +45,6 @@ Fail = Callable[[int, str], "TranscodeError"]
 
 class TranscodeError(ValueError):
     """Bad transcoder input; the message is one line: ``<file>: feature '<name>': line <n>: <problem>``."""
-
-
-# ----------------------------------------------------------------------------- output folder and spec
-@contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``, renamed to ``out_dir`` only if the block succeeds.
-
-    ``out_dir`` may be missing or empty; a non-empty one is an error unless ``overwrite``.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
-        raise FileExistsError(f"{out_dir}: output exists and is not an empty folder (pass overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / "x")
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def output_spec_dict(spec: FeatureSpec, files: dict[str, list[str]], file_type: str) -> dict[str, Any]:
-    """Spec of the written data: channel features only, explicit dtypes, one chunk per mapping."""
-    names = [n for c in CHANNELS for n in spec.channel(c)]
-    features = {}
-    for name in names:
-        props = {k: v for k, v in spec.feature_spec[name].items() if k != "dtype"}
-        features[name] = {"dtype": spec.dtype(name), **props}
-    source = {}
-    for mapping in (TRAIN, TEST):
-        present = [n for n in spec.features_in(mapping) if n in names]
-        source[mapping] = [{"type": file_type, "features": present, "files": files[mapping]}]
-    return {"channel_spec": {c: spec.channel(c) for c in CHANNELS if c in spec.channel_spec},
-            "feature_spec": features, "source_spec": source, "metadata": dict(spec.metadata)}
-
-
-def check_parquet_dtypes(spec: FeatureSpec) -> None:
-    """Raise ValueError for a channel feature whose dtype parquet cannot store (float16 in pyarrow 14)."""
-    for name in (n for c in CHANNELS for n in spec.channel(c)):
-        if spec.dtype(name) == "float16":
-            raise ValueError(f"{spec.origin}: feature '{name}': dtype float16 cannot be stored in parquet "
-                             f"(pyarrow {pa.__version__}); declare float32")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -118,13 +71,13 @@ def _first_failure(values: pa.Array, convert: Callable[[pa.Array], Any]) -> int:
     return lo
 
 
-def _parse_ints(text: pa.Array, rows: np.ndarray, fail: Fail, what: str) -> np.ndarray:
+def _parse_ints(text: pa.Array, rows: np.ndarray, fail: Fail, what: str, hint: str = "") -> np.ndarray:
     """int64[n] from trimmed strings; ``rows[i]`` is the row of ``text[i]`` for messages."""
     ok = pc.match_substring_regex(text, INT_PATTERN).to_numpy(zero_copy_only=False)
     bad = _first_true(~ok)
     if bad is not None:
         value = text[bad].as_py()
-        problem = "empty value" if value == "" else f"{what} {_show(value)} is not an integer"
+        problem = "empty value" if value == "" else f"{what} {_show(value)} is not an integer{hint}"
         raise fail(int(rows[bad]), problem)
     try:
         return pc.cast(text, pa.int64()).to_numpy()
@@ -140,7 +93,29 @@ def _check_ids(ids: np.ndarray, rows: np.ndarray, low: int, high: int, fail: Fai
         raise fail(int(rows[bad]), f"{what} {ids[bad]} {rule}")
 
 
-def _convert_multihot(text: pa.Array, spec: FeatureSpec, name: str, fail: Fail) -> pa.Array:
+def _categorical_ids(text: pa.Array, rows: np.ndarray, spec: FeatureSpec, name: str, fail: Fail,
+                     hashed: frozenset[str], what: str) -> np.ndarray:
+    """int64[n] ids of trimmed id strings ``text`` (``rows[i]``: the row of ``text[i]``), range-checked: in
+    [0, cardinality) for a fixed feature, within the dtype for a dynamic one (hashed if in ``hashed``)."""
+    if name in hashed:
+        empty = _first_true(pc.equal(text, "").to_numpy(zero_copy_only=False))
+        if empty is not None:
+            raise fail(int(rows[empty]), "empty value")
+        return hash_strings(text.to_numpy(zero_copy_only=False))
+    dynamic = spec.dynamic(name) is not None
+    hint = f" (string ids of dynamic feature '{name}': pass --hash_ids {name})" if dynamic else ""
+    ids = _parse_ints(text, rows, fail, what, hint)
+    if dynamic:
+        info = np.iinfo(spec.dtype(name))
+        _check_ids(ids, rows, info.min, info.max, fail, "id", f"does not fit {spec.dtype(name)}")
+    else:
+        card = spec.cardinality(name)
+        _check_ids(ids, rows, 0, card - 1, fail, "id", f"is outside [0, {card}) (cardinality)")
+    return ids
+
+
+def _convert_multihot(text: pa.Array, spec: FeatureSpec, name: str, fail: Fail,
+                      hashed: frozenset[str]) -> pa.Array:
     n = len(text)
     clean = pc.utf8_trim_whitespace(pc.replace_substring_regex(text, r"[\[\],]", " "))
     lists = pc.split_pattern_regex(clean, r"\s+")
@@ -154,9 +129,7 @@ def _convert_multihot(text: pa.Array, spec: FeatureSpec, name: str, fail: Fail) 
     if bad is not None:
         raise fail(bad, f"list {_show(text[bad].as_py())} has {lengths[bad]} ids, more than "
                         f"max_hotness {hot}")
-    ids = _parse_ints(tokens, parents, fail, "id")
-    _check_ids(ids, parents, 0, spec.cardinality(name) - 1, fail, "id",
-               f"is outside [0, {spec.cardinality(name)}) (cardinality)")
+    ids = _categorical_ids(tokens, parents, spec, name, fail, hashed, "id")
     dtype = spec.dtype(name)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
     return pa.ListArray.from_arrays(offsets, pa.array(ids.astype(dtype))).cast(
@@ -184,7 +157,7 @@ def _convert_float(text: pa.Array, spec: FeatureSpec, name: str, fail: Fail) -> 
 
 
 def _convert(batch: pa.RecordBatch, spec: FeatureSpec, path: Path, first_line: int,
-             state: dict[str, Any]) -> pa.Table:
+             state: dict[str, Any], hashed: frozenset[str] = frozenset()) -> pa.Table:
     """Typed table of one CSV batch of strings; ``state`` carries the last map id across batches."""
     columns = {}
     for name in batch.schema.names:
@@ -192,33 +165,32 @@ def _convert(batch: pa.RecordBatch, spec: FeatureSpec, path: Path, first_line: i
             return TranscodeError(f"{path}: feature '{name}': line {first_line + row}: {problem}")
         text = pc.utf8_trim_whitespace(batch.column(name))
         if name in spec.multihot:
-            columns[name] = _convert_multihot(text, spec, name, fail)
-        elif name in spec.onehot or name == spec.map_feature:
+            columns[name] = _convert_multihot(text, spec, name, fail, hashed)
+        elif name in spec.onehot:
+            ids = _categorical_ids(text, np.arange(len(text)), spec, name, fail, hashed, "value")
+            columns[name] = pa.array(ids.astype(spec.dtype(name)))
+        elif name == spec.map_feature:
             dtype = spec.dtype(name)
             ids = _parse_ints(text, np.arange(len(text)), fail, "value")
-            if name == spec.map_feature:
-                info = np.iinfo(dtype)
-                _check_ids(ids, np.arange(len(ids)), info.min, info.max, fail, "value",
-                           f"does not fit {dtype}")
-                prev = np.concatenate([[state.get("last_map", ids[0] if len(ids) else 0)], ids[:-1]])
-                bad = _first_true(ids < prev)
-                if bad is not None:
-                    raise fail(bad, f"map id {ids[bad]} after {prev[bad]}: test rows must be sorted by "
-                                    f"'{name}' (groups contiguous)")
-                if len(ids):
-                    state["last_map"] = int(ids[-1])
-            else:
-                card = spec.cardinality(name)
-                _check_ids(ids, np.arange(len(ids)), 0, card - 1, fail, "id",
-                           f"is outside [0, {card}) (cardinality)")
+            info = np.iinfo(dtype)
+            _check_ids(ids, np.arange(len(ids)), info.min, info.max, fail, "value", f"does not fit {dtype}")
+            prev = np.concatenate([[state.get("last_map", ids[0] if len(ids) else 0)], ids[:-1]])
+            bad = _first_true(ids < prev)
+            if bad is not None:
+                raise fail(bad, f"map id {ids[bad]} after {prev[bad]}: test rows must be sorted by "
+                                f"'{name}' (groups contiguous)")
+            if len(ids):
+                state["last_map"] = int(ids[-1])
             columns[name] = pa.array(ids.astype(dtype))
         else:
             columns[name] = _convert_float(text, spec, name, fail)
     return pa.table(columns)
 
 
-def read_chunk(spec: FeatureSpec, chunk: dict[str, Any], features: list[str]) -> Iterator[pa.Table]:
-    """Yield typed tables (columns ``features``, in that order) of one CSV chunk's files, in order."""
+def read_chunk(spec: FeatureSpec, chunk: dict[str, Any], features: list[str],
+               hashed: frozenset[str] = frozenset()) -> Iterator[pa.Table]:
+    """Yield typed tables (columns ``features``, in that order) of one CSV chunk's files, in order
+    (string ids of the dynamic features ``hashed`` hashed to int64)."""
     state: dict[str, Any] = {}
     for file in chunk["files"]:
         path = spec.base_directory / file
@@ -239,7 +211,7 @@ def read_chunk(spec: FeatureSpec, chunk: dict[str, Any], features: list[str]) ->
             reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=READ_BLOCK_BYTES),
                                     convert_options=options)
             for batch in reader:
-                yield _convert(batch, spec, path, line, state)
+                yield _convert(batch, spec, path, line, state, hashed)
                 line += batch.num_rows
         except pa.ArrowInvalid as e:
             problem = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -283,12 +255,12 @@ def _cut(n_rows: int, chunk_size: int, ids: np.ndarray | None, at_end: bool) -> 
     return cut
 
 
-def transcode_mapping(spec: FeatureSpec, mapping: str, out_dir: Path,
-                      chunk_size: int) -> tuple[list[str], int]:
+def transcode_mapping(spec: FeatureSpec, mapping: str, out_dir: Path, chunk_size: int,
+                      hashed: frozenset[str] = frozenset()) -> tuple[list[str], int]:
     """Write one mapping's parts under ``out_dir/mapping``; return (relative part paths, rows)."""
     wanted = {n for c in CHANNELS for n in spec.channel(c)}
     chunks = [c for c in spec.source_spec[mapping] if any(n in wanted for n in c["features"])]
-    streams = [_Rows(read_chunk(spec, c, [n for n in c["features"] if n in wanted])) for c in chunks]
+    streams = [_Rows(read_chunk(spec, c, [n for n in c["features"] if n in wanted], hashed)) for c in chunks]
     map_name = spec.map_feature if mapping == TEST and spec.map_feature else None
     block = max(1 << 16, chunk_size)
     (out_dir / mapping).mkdir()
@@ -331,9 +303,12 @@ def transcode_mapping(spec: FeatureSpec, mapping: str, out_dir: Path,
 
 
 def transcode(spec: FeatureSpec | str | Path, out_dir: str | Path, chunk_size: int = DEFAULT_CHUNK_SIZE,
-              overwrite: bool = False, feature_spec_out: str = SPEC_FILE) -> dict[str, Any]:
+              overwrite: bool = False, feature_spec_out: str = SPEC_FILE,
+              hash_ids: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Transcode a CSV dataset (a spec or its YAML path) into parquet under ``out_dir``.
 
+    ``hash_ids``: dynamic int64 features whose cells are string ids, stored as their
+    :func:`~wd_sok.tools.rawids.hash_string`.
     Returns {"rows": {train, test}, "parts": {train, test}, "feature_spec": path of the new spec}.
     Raises TranscodeError / SpecError (nothing is left at ``out_dir`` then).
     """
@@ -350,11 +325,15 @@ def transcode(spec: FeatureSpec | str | Path, out_dir: str | Path, chunk_size: i
         check_parquet_dtypes(spec)
     except ValueError as e:
         raise TranscodeError(str(e)) from None
+    for name in hash_ids:
+        if name not in spec.dynamic_features or spec.dtype(name) != "int64":
+            raise TranscodeError(f"{spec.origin}: feature '{name}': --hash_ids is for dynamic int64 features "
+                                 f"(dynamic: {', '.join(spec.dynamic_features) or 'none'})")
     files: dict[str, list[str]] = {}
     rows: dict[str, int] = {}
     with atomic_output_dir(out_dir, overwrite) as tmp:
         for mapping in (TRAIN, TEST):
-            files[mapping], rows[mapping] = transcode_mapping(spec, mapping, tmp, chunk_size)
+            files[mapping], rows[mapping] = transcode_mapping(spec, mapping, tmp, chunk_size, frozenset(hash_ids))
         out_spec = FeatureSpec.from_dict(output_spec_dict(spec, files, "parquet"), base_directory=tmp,
                                          origin=str(Path(out_dir) / feature_spec_out))
         out_spec.to_yaml(tmp / feature_spec_out)
@@ -374,10 +353,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feature_spec_out", default=SPEC_FILE, help="name of the written spec")
     parser.add_argument("--chunk_size", type=int, default=DEFAULT_CHUNK_SIZE, help="rows per parquet part")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument("--hash_ids", default="", metavar="FEATURE[,FEATURE]",
+                        help="dynamic int64 features holding string ids (e.g. uuids): store each as the low 63 "
+                             "bits of the BLAKE2b-64 of its UTF-8 text (default: none, ids must be integers)")
     args = parser.parse_args(argv)
     try:
         summary = transcode(Path(args.input) / args.feature_spec_in, args.output, args.chunk_size,
-                            args.overwrite, args.feature_spec_out)
+                            args.overwrite, args.feature_spec_out,
+                            [f.strip() for f in args.hash_ids.split(",") if f.strip()])
     except (SpecError, TranscodeError, OSError) as e:
         print(f"wd-sok-transcode: error: {e}", file=sys.stderr)
         return 2
