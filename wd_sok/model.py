@@ -31,7 +31,8 @@ def dropout(x: tf.Tensor, rate: float, seed: tf.Tensor) -> tf.Tensor:
     [2] int64), each bitcast into two uint16; activation ``(b, u)`` is kept when its uint16 is >= the
     :func:`dropout_threshold` ``t``, and kept values are scaled by ``65536 / (65536 - t)`` (the exact
     inverse keep probability, so the expectation is unchanged). Half the random words of one float per
-    activation, no int-to-float conversion, and one multiply by the scaled mask instead of a select.
+    activation, no int-to-float conversion; the scaled mask is one select of two constants, applied (and
+    differentiated) by one multiply.
     """
     units = int(x.shape[-1])
     threshold = dropout_threshold(rate)
@@ -40,9 +41,9 @@ def dropout(x: tf.Tensor, rate: float, seed: tf.Tensor) -> tf.Tensor:
     bits = tf.reshape(tf.bitcast(words, tf.uint16), [tf.shape(x)[0], 2 * ((units + 1) // 2)])
     if units % 2:
         bits = bits[:, :units]
-    keep = bits >= tf.constant(threshold, tf.uint16)
     scale = (1 << DROPOUT_BITS) / ((1 << DROPOUT_BITS) - threshold)
-    return x * (tf.cast(keep, x.dtype) * tf.constant(scale, x.dtype))
+    mask = tf.where(bits >= tf.constant(threshold, tf.uint16), tf.constant(scale, x.dtype), tf.constant(0, x.dtype))
+    return x * mask  # the gradient is dy * mask: no second select
 
 
 def dropout_key(seed: int, rank: int, layer: int) -> int:
