@@ -102,3 +102,24 @@ def test_dense_and_mixed_gradients_match_legacy() -> None:
                 _apply(opt, var, ids, g)
         np.testing.assert_array_equal(b.numpy(), a.numpy())
         np.testing.assert_array_equal(read_slot(lazy, b, "rms").numpy(), legacy.get_slot(a, "rms").numpy())
+
+
+def test_only_tables_keep_the_last_slot_and_dense_weights_follow_keras_exactly() -> None:
+    """``tables=``: the MLP's variables get no ``last`` bookkeeping (no per-step catch-up check or fill), and
+    both kinds still follow the legacy optimizer bit for bit (rho 0.5)."""
+    rng = np.random.default_rng(3)
+    t0, k0 = rng.normal(size=(ROWS, DIM)).astype(np.float32), rng.normal(size=(DIM, 5)).astype(np.float32)
+    ta, tb, ka, kb = tf.Variable(t0), tf.Variable(t0), tf.Variable(k0), tf.Variable(k0)
+    legacy, lazy = tf.keras.optimizers.legacy.RMSprop(LR, rho=0.5), LazyRMSprop(LR, rho=0.5, tables=[tb])
+    for ids, g in _grads(6, seed=8):
+        gk = tf.constant(rng.normal(size=k0.shape).astype(np.float32))
+        for opt, table, kernel in ((legacy, ta, ka), (lazy, tb, kb)):
+            opt.apply_gradients([(tf.IndexedSlices(tf.constant(g), tf.constant(ids), tf.constant([ROWS, DIM])),
+                                  table), (gk, kernel)])
+    assert lazy.get_slot(tb, "last") is not None
+    with pytest.raises(KeyError):
+        lazy.get_slot(kb, "last")
+    np.testing.assert_array_equal(tb.numpy(), ta.numpy())
+    np.testing.assert_array_equal(kb.numpy(), ka.numpy())
+    np.testing.assert_array_equal(read_slot(lazy, kb, "rms").numpy(), legacy.get_slot(ka, "rms").numpy())
+    np.testing.assert_array_equal(read_slot(lazy, tb, "rms").numpy(), legacy.get_slot(ta, "rms").numpy())

@@ -35,24 +35,31 @@ Optimizer = tf.keras.optimizers.legacy.Optimizer
 class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
     """Legacy RMSprop (momentum 0, not centered) whose sparse update costs O(touched rows); see the module.
 
-    Extra slot ``last``: [rows] float32 per variable (one float per table row; for the MLP's kernels and
-    biases, one per input row, unused). Momentum or centered fall back to the legacy sparse update.
+    Extra slot ``last``: [rows] float32 per table (``tables``; one float per row). Momentum or centered fall
+    back to the legacy sparse update.
     """
 
     #: slots a checkpoint holds (``last`` is internal: it is reset to the current step on import)
     portable_slots = ("rms",)
+
+    def __init__(self, *args: Any, tables: list[tf.Variable] | None = None, **kwargs: Any) -> None:
+        """``tables``: the variables that may get sparse gradients (the embedding tables); only they get a
+        ``last`` slot. Default None: every variable of rank >= 1. The others (the MLP) take the legacy dense
+        update with no bookkeeping at all."""
+        super().__init__(*args, **kwargs)
+        self._tables = None if tables is None else {v.ref() for v in tables}
 
     def _create_slots(self, var_list: list[tf.Variable]) -> None:
         super()._create_slots(var_list)
         if self._momentum or self.centered:
             return
         for var in var_list:
-            if var.shape.rank:
+            if var.shape.rank and (self._tables is None or var.ref() in self._tables):
                 self.add_slot(var, "last", initializer="zeros", shape=tf.TensorShape([var.shape[0]]))
 
     def _resource_apply_sparse(self, grad: tf.Tensor, var: tf.Variable, indices: tf.Tensor,
                                apply_state: Any = None) -> tf.Operation:
-        if self._momentum or self.centered:
+        if self._momentum or self.centered or not _has_slot(self, var, "last"):
             return super()._resource_apply_sparse(grad, var, indices, apply_state)
         var_device, var_dtype = var.device, var.dtype.base_dtype
         coef = (apply_state or {}).get((var_device, var_dtype)) or self._fallback_apply_state(var_device,
@@ -71,19 +78,14 @@ class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
     def _resource_apply_dense(self, grad: tf.Tensor, var: tf.Variable, apply_state: Any = None) -> tf.Operation:
         """The legacy dense update on caught-up ``rms`` (rows may owe decays from sparse steps), after which
         no row owes any: ``last`` = t + 1."""
-        if self._momentum or self.centered:
+        if self._momentum or self.centered or not _has_slot(self, var, "last"):
             return super()._resource_apply_dense(grad, var, apply_state)
         rms, last = self.get_slot(var, "rms"), self.get_slot(var, "last")
         now = tf.cast(self.iterations, last.dtype)
         catch_up = tf.cond(tf.reduce_all(last == now),  # the MLP: always up to date, skip the pass over rms
                            tf.no_op, lambda: rms.assign(self.caught_up_rms(var), read_value=False))
-        var_device, var_dtype = var.device, var.dtype.base_dtype
-        coef = (apply_state or {}).get((var_device, var_dtype)) or self._fallback_apply_state(var_device,
-                                                                                              var_dtype)
         with tf.control_dependencies([catch_up]):
-            rms_t, var_t = _fused_rmsprop(var.read_value(), rms.read_value(), grad, coef["lr_t"], coef["rho"],
-                                          coef["one_minus_rho"], coef["epsilon"])
-            update = tf.group(rms.assign(rms_t, read_value=False), var.assign(var_t, read_value=False))
+            update = super()._resource_apply_dense(grad, var, apply_state)
         with tf.control_dependencies([update]):
             return last.assign(tf.fill(tf.shape(last), now + 1), read_value=False)
 
@@ -97,22 +99,6 @@ class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
         factor = tf.pow(tf.cast(self._get_hyper("rho"), rms.dtype), age)
         factor = tf.reshape(factor, tf.concat([tf.shape(factor), tf.ones([tf.rank(rms) - 1], tf.int32)], 0))
         return rms * factor
-
-
-@tf.function(jit_compile=True, reduce_retracing=True)
-def _fused_rmsprop(var: tf.Tensor, rms: tf.Tensor, grad: tf.Tensor, lr: tf.Tensor, rho: tf.Tensor,
-                   one_minus_rho: tf.Tensor, epsilon: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Keras' legacy dense RMSprop update (momentum 0, not centered), the same expressions in the same order,
-    compiled by XLA into one pass over ``var``, ``rms`` and ``grad`` [rows, cols] (Keras runs ~10 separate
-    elementwise ops, each a pass over the arrays: 1.7-2.2x slower on the 5 x 1024 MLP here; TF's fused
-    ``ApplyRMSProp`` kernel divides by ``sqrt(rms + eps)`` instead of ``sqrt(rms) + eps``, another update).
-    Values in, values out (the caller assigns them): a jit-compiled function taking the variables themselves
-    keeps references to the first caller's variables across models.
-
-    Returns (rms', var') with ``rms' = rho rms + (1 - rho) grad**2``, ``var' = var - lr grad / (sqrt(rms') + eps)``.
-    """
-    rms_t = rho * rms + one_minus_rho * tf.square(grad)
-    return rms_t, var - lr * grad / (tf.sqrt(rms_t) + epsilon)
 
 
 def slot_names(optimizer: Optimizer | None) -> list[str]:

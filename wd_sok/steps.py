@@ -34,7 +34,7 @@ def make_train_step(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimiz
     def step(batch: Batch, global_step: tf.Tensor) -> tf.Tensor:
         wide_vars, deep_vars = model.wide_variables, model.deep_variables
         sparse = {id(v) for v in model.sparse_variables}
-        densify = {id(v) for v in model.dense_reduced_variables} if runtime.size > 1 else set()
+        densify = {id(v) for v in model.dense_reduced_variables}
         with tf.GradientTape() as tape:
             logits = model(batch, training=True, step=global_step)
             loss_sum = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(labels=batch.label, logits=logits))
@@ -44,7 +44,7 @@ def make_train_step(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimiz
         variables = wide_vars + deep_vars
         grads = tape.gradient(loss, variables)
         dense = [i for i, v in enumerate(variables) if id(v) not in sparse and grads[i] is not None]
-        for i in dense:  # small replicated tables: one dense allreduce beats the allgather of touched rows
+        for i in dense:  # small replicated tables: a dense allreduce and update beat the sparse machinery
             if id(variables[i]) in densify:
                 grads[i] = tf.convert_to_tensor(grads[i])
         for i, g in _pairs(dense, runtime.allreduce_grads([grads[i] for i in dense])):

@@ -6,6 +6,7 @@ Read top to bottom: :class:`Trainer` builds the model around an embedding backen
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -66,7 +67,8 @@ class Trainer:
             cfg.deep_hidden_units, cfg.deep_dropout, compute_dtype=self.compute, seed=cfg.seed, rank=runtime.rank,
             xla=cfg.xla)
         self.wide_opt = tf.keras.optimizers.legacy.Ftrl(cfg.linear_learning_rate)
-        rmsprop = LazyRMSprop if cfg.rmsprop_update == "lazy" else tf.keras.optimizers.legacy.RMSprop
+        rmsprop = (functools.partial(LazyRMSprop, tables=self.model.deep_embedding.trainable_variables)
+                   if cfg.rmsprop_update == "lazy" else tf.keras.optimizers.legacy.RMSprop)
         self.deep_opt = rmsprop(
             DeepLrSchedule(steps_per_epoch=max(self.steps_per_epoch, 1), base_lr=cfg.deep_learning_rate,
                            warmup_epochs=cfg.deep_warmup_epochs, num_epochs=cfg.num_epochs), rho=0.5)

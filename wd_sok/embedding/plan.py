@@ -28,7 +28,8 @@ project's CPU + Gloo ladder, ``benchmarks/embedding_scaling.py``): bytes sent / 
 alltoalls, whatever its tables, so it is paid once if any table is exchanged; a sparse-reduced replicated
 table adds 2 allgathers per collection; a dense-reduced one joins the MLP's fused allreduce); per id looked
 up, ``exchange_id_s`` through the exchange (unique, sort, gathers, scatters) or ``local_id_s`` locally; a
-dense-reduced table also pays ``dense_float_s`` per float of the whole table (densify, dense optimizer pass).
+dense-reduced table pays ``dense_float_s`` per float of the whole table (densify, dense optimizer pass), a
+sparse one ``sparse_table_s`` per collection (its ~25 small ops: unique, segment sums, sparse optimizer).
 
 Policies (``--embedding_plan``): ``row`` (all row-wise), ``replicated`` (all replicated, the cheaper
 reduction each), ``auto``: the plan of least modelled step time that fits the budget, found by coordinate
@@ -113,6 +114,8 @@ class CostModel:
     exchange_id_s: float = 100e-9  # per id through the exchange (per collection: wide and deep)
     local_id_s: float = 30e-9      # per id looked up locally (replicated)
     dense_float_s: float = 2.5e-9  # per float of a dense-reduced table, per step (densify, optimizer pass)
+    sparse_table_s: float = 2.5e-3  # per table and collection with a sparse gradient (unique, segment sums,
+    #                                  the sparse optimizer's gathers and scatters: ~25 small ops)
 
 
 DEFAULT_COST = CostModel()
@@ -308,6 +311,8 @@ def _work(p: TablePlan, rank: int, n: int, cost: CostModel) -> float:
     work += p.sent_per_rank[rank] / cost.network_bps
     if p.placement == "replicated" and p.reduction == "dense":
         work += cost.dense_float_s * p.rows * (p.dim + 1)
+    else:  # a sparse gradient, wide and deep
+        work += 2 * cost.sparse_table_s
     if p.placement == "replicated" and p.reduction == "sparse" and n > 1:
         work += 4 * cost.collective_s  # values and indices allgathered, wide and deep
     return work
