@@ -114,7 +114,7 @@ class CostModel:
     exchange_id_s: float = 100e-9  # per id through the exchange (per collection: wide and deep)
     local_id_s: float = 30e-9      # per id looked up locally (replicated)
     dense_float_s: float = 2.5e-9  # per float of a dense-reduced table, per step (densify, optimizer pass)
-    sparse_table_s: float = 2.5e-3  # per table and collection with a sparse gradient (unique, segment sums,
+    sparse_table_s: float = 0.5e-3  # per table and collection with a sparse gradient (unique, segment sums,
     #                                  the sparse optimizer's gathers and scatters: ~25 small ops)
 
 
