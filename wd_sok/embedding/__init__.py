@@ -23,7 +23,16 @@ def resolve_backend(name: str, world: int, gpu: bool) -> str:
 def make_embedding(backend: str, tables: list[TableConfig], initializer: str, seed: int,
                    prefix: str, runtime: Runtime | None) -> EmbeddingCollection:
     """Build the embedding layer of ``backend`` ('replicated', 'sharded' or 'sok') for ``tables`` (``runtime``
-    may be None for a lone replicated model)."""
+    may be None for a lone replicated model). Dynamic tables (``TableConfig.dynamic``) go to hash tables
+    (:mod:`wd_sok.embedding.dynamic`, or SOK's under 'sok'), alongside the fixed ones in one collection."""
+    if any(t.dynamic is not None for t in tables):
+        from wd_sok.embedding.composite import CompositeEmbedding
+
+        fixed = [t for t in tables if t.dynamic is None]
+        dynamic = [t for t in tables if t.dynamic is not None]
+        parts = [make_embedding(backend, fixed, initializer, seed, prefix, runtime)] if fixed else []
+        parts.append(make_dynamic(backend, dynamic, initializer, seed, prefix, runtime))
+        return CompositeEmbedding(tables, parts, initializer, seed, prefix)
     if backend == "replicated":
         from wd_sok.embedding.replicated import ReplicatedEmbedding
 
@@ -38,3 +47,16 @@ def make_embedding(backend: str, tables: list[TableConfig], initializer: str, se
 
         return SokEmbedding(tables, initializer, seed, prefix, runtime)
     raise ValueError(f"unknown embedding backend {backend!r} (replicated, sharded, sok)")
+
+
+def make_dynamic(backend: str, tables: list[TableConfig], initializer: str, seed: int, prefix: str,
+                 runtime: Runtime | None) -> EmbeddingCollection:
+    """The dynamic tables of a collection: SOK's DynamicVariable under 'sok', else TF hash tables sharded by
+    key over the ranks (for 'replicated' too: a dynamic table has no whole-table copy to replicate)."""
+    if backend == "sok":
+        from wd_sok.embedding.sok import SokDynamicEmbedding
+
+        return SokDynamicEmbedding(tables, initializer, seed, prefix, runtime)
+    from wd_sok.embedding.dynamic import DynamicEmbedding
+
+    return DynamicEmbedding(tables, initializer, seed, prefix, runtime)
