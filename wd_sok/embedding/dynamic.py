@@ -306,6 +306,21 @@ class DynamicEmbedding(EmbeddingCollection):
         self.used[name].assign(used + n)
         return int(keys.size - n)
 
+    def clock_value(self) -> int:
+        return int(self.clock.numpy())
+
+    def set_clock(self, value: int) -> None:
+        self.clock.assign(int(value))
+
+    def clear_keyed(self, name: str) -> None:
+        """Forget every key of table ``name`` (before a restore): no rows in use, nothing pending."""
+        for table in (self.index[name], self.pending.get(name)):
+            if table is not None:
+                table.remove(table.export()[0])
+        self.used[name].assign(0)
+        for store in (self.row_key, self.row_count, self.row_last):
+            store[name].assign(tf.zeros_like(store[name]))
+
     def insert_pending(self, name: str, keys: np.ndarray, counts: np.ndarray) -> None:
         if name in self.pending and len(keys):
             self.pending[name].insert(tf.constant(keys, tf.int64), tf.constant(counts, tf.int64))
