@@ -258,9 +258,12 @@ class DynamicEmbedding(EmbeddingCollection):
         return {n: np.append(self.stats[n].numpy(), self.used[n].numpy()) for n in self.names}
 
     # ------------------------------------------------------------------ checkpoints (keyed)
+    #: ([n] int64 keys, world) -> [n] int64 owning rank: this backend's placement (``mix64(k) % N``)
+    owner_of_keys = staticmethod(owner_np)
+
     def owns(self, keys: np.ndarray) -> np.ndarray:
         """[n] bool: which of [n] int64 keys live on this rank."""
-        return owner_np(keys, self.world) == self.rank
+        return self.owner_of_keys(keys, self.world) == self.rank
 
     def keyed_count(self, name: str) -> int:
         """Rows in use (saved rows 0..count-1 are variable rows 1..count)."""
