@@ -31,7 +31,7 @@ def make_embedding(backend: str, tables: list[TableConfig], initializer: str, se
         fixed = [t for t in tables if t.dynamic is None]
         dynamic = [t for t in tables if t.dynamic is not None]
         parts = [make_embedding(backend, fixed, initializer, seed, prefix, runtime)] if fixed else []
-        parts.append(make_dynamic(backend, dynamic, initializer, seed, prefix, runtime))
+        parts += make_dynamic(backend, dynamic, initializer, seed, prefix, runtime)
         return CompositeEmbedding(tables, parts, initializer, seed, prefix)
     if backend == "replicated":
         from wd_sok.embedding.replicated import ReplicatedEmbedding
@@ -50,13 +50,18 @@ def make_embedding(backend: str, tables: list[TableConfig], initializer: str, se
 
 
 def make_dynamic(backend: str, tables: list[TableConfig], initializer: str, seed: int, prefix: str,
-                 runtime: Runtime | None) -> EmbeddingCollection:
-    """The dynamic tables of a collection: SOK's DynamicVariable under 'sok', else TF hash tables sharded by
-    key over the ranks (for 'replicated' too: a dynamic table has no whole-table copy to replicate)."""
-    if backend == "sok":
-        from wd_sok.embedding.sok import SokDynamicEmbedding
-
-        return SokDynamicEmbedding(tables, initializer, seed, prefix, runtime)
+                 runtime: Runtime | None) -> list[EmbeddingCollection]:
+    """The parts holding a collection's dynamic tables: TF hash tables sharded by key over the ranks
+    (:mod:`wd_sok.embedding.dynamic`; for 'replicated' too: a dynamic table has no whole-table copy to
+    replicate); under 'sok', SOK's DynamicVariable for the tables it can hold as specified (``min_count: 1,
+    evict: none``: it has neither admission counts nor eviction), the TF hash tables for the others."""
     from wd_sok.embedding.dynamic import DynamicEmbedding
 
-    return DynamicEmbedding(tables, initializer, seed, prefix, runtime)
+    if backend != "sok":
+        return [DynamicEmbedding(tables, initializer, seed, prefix, runtime)]
+    from wd_sok.embedding.sok import SokDynamicEmbedding, sok_can_hold
+
+    held = [t for t in tables if sok_can_hold(t)]
+    rest = [t for t in tables if not sok_can_hold(t)]
+    return ([SokDynamicEmbedding(held, initializer, seed, prefix, runtime)] if held else []) + (
+        [DynamicEmbedding(rest, initializer, seed, prefix, runtime)] if rest else [])

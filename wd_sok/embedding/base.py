@@ -150,6 +150,11 @@ class EmbeddingCollection(tf.keras.layers.Layer):
     def attach_optimizer(self, optimizer: tf.keras.optimizers.legacy.Optimizer | None) -> None:
         """The optimizer owning these tables' slots (dynamic tables reset a row's slots when it changes key)."""
 
+    def apply_own(self, pairs: list[tuple]) -> list[tuple]:
+        """Apply the (grad, var) pairs of variables this collection updates itself (SOK's dynamic tables,
+        through its optimizer wrapper); return the others, for the plain optimizer."""
+        return pairs
+
     def counters(self) -> dict[str, np.ndarray]:
         """Dynamic tables' running [inserts, admissions, evictions, rows in use] on this rank; {} for fixed ones."""
         return {}

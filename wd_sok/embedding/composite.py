@@ -51,6 +51,11 @@ class CompositeEmbedding(EmbeddingCollection):
         for part in self.parts:
             part.attach_optimizer(optimizer)
 
+    def apply_own(self, pairs: list[tuple]) -> list[tuple]:
+        for part in self.parts:
+            pairs = part.apply_own(pairs)
+        return pairs
+
     @property
     def sparse_variables(self) -> list[tf.Variable]:
         return [v for part in self.parts for v in part.sparse_variables]
