@@ -54,3 +54,27 @@ def test_checkpoint_restores_under_other_rank_counts(saved: Path, tmp_path: Path
     assert all(n > 0 for n in rows)
     if ranks == 1:  # everything fits one rank: nothing dropped
         assert not any(report[0]["dropped"].values())
+
+
+def test_train_two_ranks_then_evaluate_on_one_matches(tmp_path: Path) -> None:
+    """main.py end to end with dynamic features (b: LRU, min_count 2; n: multi-hot LFU): per-epoch counters
+    logged, and the checkpoint evaluated under 1 rank gives the 2-rank run's final metrics."""
+    import yaml
+
+    _need_horovod()
+    data = common.make_dataset(tmp_path / "data")
+    spec = yaml.safe_load((data / "feature_spec.yaml").read_text())
+    spec["feature_spec"]["b"] = {"dtype": "int64", "embedding_dim": 4,
+                                 "dynamic": {"capacity": 1001, "min_count": 2, "evict": "lru"}}
+    spec["feature_spec"]["n"] = {"dtype": "int32", "max_hotness": 2, "embedding_dim": 3,
+                                 "dynamic": {"capacity": 13, "evict": "lfu"}}
+    (data / "feature_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = common.check(common.launch(2, common.main_args(data, tmp_path / "run"), LIMIT))
+    lines = [line for line in out.splitlines() if "dynamic table deep/b: epoch 1" in line]
+    assert len(lines) == 1 and " admissions" in lines[0], out[-3000:]
+    want = common.final_metrics(tmp_path / "run" / "results")
+    common.check(common.launch(1, common.main_args(data, tmp_path / "run", "--evaluate", "--use_checkpoint",
+                                                   "--results_dir", str(tmp_path / "eval")), LIMIT))
+    got = common.final_metrics(tmp_path / "eval")
+    for key in ("loss_val", "auc_roc", "streaming_map_val"):
+        assert abs(got[key] - want[key]) < 1e-5, (key, got, want)
