@@ -175,7 +175,8 @@ def reset_slot_rows(optimizer: Optimizer | None, var: tf.Variable, index: tf.Ten
         if not _has_slot(optimizer, var, name):
             continue
         slot = optimizer.get_slot(var, name)
-        shape = tf.concat([tf.shape(index), tf.shape(slot)[1:]], 0)
+        # the static shape: tf.shape(slot) would read (copy) the whole slot variable
+        shape = tf.concat([tf.shape(index), tf.constant(slot.shape[1:].as_list(), tf.int32)], 0)
         fill = tf.fill(shape, tf.cast(slot_initial(optimizer, name), slot.dtype))
         ops.append(slot.scatter_update(tf.IndexedSlices(fill, index)))
     return ops
