@@ -9,7 +9,7 @@ one-hot features of ``--rows`` rows (deep width ``--dim``, wide width 1), 4 nume
 ``sum(v * w)``) on batches of ``--batch`` ids per rank: a ``1 - --fresh`` share drawn Zipf from 1e5 head ids
 (repeated, so they keep rows), the rest never seen before (raw ids ``2**40 + (step * N + rank) * B + i``), so
 every step inserts ~``N * B * fresh`` distinct keys. At each milestone of distinct keys inserted (over all
-ranks) it records the median step time of the next 10 steps, VmRSS, rows in use and pending keys; it stops
+ranks) it records the median step time of the next 20 steps, VmRSS, rows in use and pending keys; it stops
 after the last milestone or when VmRSS passes ``--max_rss_gb`` (memory ends).
 """
 
@@ -107,7 +107,7 @@ def keys_job(args: argparse.Namespace, rt: Runtime) -> dict:
                                             emb.keyed_count("k")]), "sizes")
             out.append({"keys_inserted": inserted, "steps": s, "rss_mb_max_rank": rss / 2**20,
                         "rss_growth_mb_max_rank": (rss - base_rss) / 2**20, "pending_keys": int(pending[0]),
-                        "rows_in_use": int(pending[1]), "step_ms": [], "pending_steps": 10})
+                        "rows_in_use": int(pending[1]), "step_ms": [], "pending_steps": 20})
             milestones.pop(0)
             if rss > args.max_rss_gb * 2**30:
                 out[-1]["stopped"] = "memory"

@@ -179,3 +179,13 @@ def test_make_embedding_mixes_fixed_and_dynamic_tables_and_pools() -> None:
     np.testing.assert_array_equal(out["v"].numpy(), initial_key_rows_np(tables[2], np.array([-3, 9]), 0,
                                                                         "glorot_normal"))
     assert len(emb.sparse_variables) == 2 and emb.counters()["u"].tolist() == [2, 2, 0, 2]
+
+
+@pytest.mark.parametrize("evict", ["lru", "lfu"])
+def test_first_batch_larger_than_the_shard_admits_what_fits(evict: str) -> None:
+    emb = DynamicEmbedding([dyn_table(cap=2, evict=evict)], "glorot_normal", 0, "deep", None)
+    out = emb({"u": tf.constant([9, 8, 7], tf.int64)}, training=True)["u"].numpy()  # all touched: none evictable
+    assert emb.index["u"].lookup(tf.constant([7, 8, 9], tf.int64)).numpy().tolist() == [1, 2, -1]
+    assert out[0].tolist() == [0, 0, 0] and out[1].any() and out[2].any()
+    emb({"u": tf.constant([9], tf.int64)}, training=True)  # now 9 evicts the oldest (LRU) / rarest (LFU): 7
+    assert emb.index["u"].lookup(tf.constant([7, 8, 9], tf.int64)).numpy().tolist() == [-1, 2, 1]

@@ -69,7 +69,8 @@ def test_train_two_ranks_then_evaluate_on_one_matches(tmp_path: Path) -> None:
     spec["feature_spec"]["n"] = {"dtype": "int32", "max_hotness": 2, "embedding_dim": 3,
                                  "dynamic": {"capacity": 13, "evict": "lfu"}}
     (data / "feature_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    out = common.check(common.launch(2, common.main_args(data, tmp_path / "run"), LIMIT))
+    out = common.check(common.launch(2, common.main_args(data, tmp_path / "run", "--export_dir",
+                                                         str(tmp_path / "sm")), LIMIT))
     lines = [line for line in out.splitlines() if "dynamic table deep/b: epoch 1" in line]
     assert len(lines) == 1 and " admissions" in lines[0], out[-3000:]
     want = common.final_metrics(tmp_path / "run" / "results")
@@ -78,3 +79,22 @@ def test_train_two_ranks_then_evaluate_on_one_matches(tmp_path: Path) -> None:
     got = common.final_metrics(tmp_path / "eval")
     for key in ("loss_val", "auc_roc", "streaming_map_val"):
         assert abs(got[key] - want[key]) < 1e-5, (key, got, want)
+    # the export streamed both ranks' keys and rows: the SavedModel's deep/b table holds exactly the keys and
+    # values of the checkpoint's deep/b shard files
+    import numpy as np
+    import tensorflow as tf
+
+    (ckpt,) = (tmp_path / "run" / "ckpt").glob("ckpt-*")
+    keys = np.concatenate([np.load(f) for f in sorted(ckpt.glob("deep.b.key.r*.npy"))])
+    values = np.concatenate([np.load(f) for f in sorted(ckpt.glob("deep.b.value.r*.npy"))])
+    reader = tf.train.load_checkpoint(str(tmp_path / "sm" / "variables" / "variables"))
+    tables = [n for n, _ in tf.train.list_variables(str(tmp_path / "sm" / "variables" / "variables"))
+              if n.endswith("table-keys")]
+    # hash tables in model order: wide b, wide n, deep b, deep n
+    name = sorted(tables, key=lambda n: int(n.split("/")[1]))[2]
+    exported = dict(zip(reader.get_tensor(name).tolist(),
+                        reader.get_tensor(name.replace("table-keys", "table-values")).tolist(), strict=True))
+    assert sorted(exported) == sorted(keys.tolist())
+    rows = tf.saved_model.load(str(tmp_path / "sm"))
+    table = next(v.numpy() for v in rows.weights if tuple(v.shape) == (1002, 4))
+    np.testing.assert_array_equal(np.stack([table[exported[k]] for k in keys.tolist()]), values)

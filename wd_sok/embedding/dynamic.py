@@ -11,8 +11,9 @@ Placement: key ``k`` lives on rank ``mix64(k) % N`` (:mod:`wd_sok.embedding.keys
   last training step that saw it, for LRU), all [C + 1] int64; ``used``: rows 1..used are occupied (rows are
   handed out in order and an evicted row is reused at once, so occupied rows are always 1..used);
 * ``pending`` (``min_count > 1`` only): key -> occurrences for keys seen fewer than ``min_count`` times;
-* ``stats``: [3] int64 running totals of inserts (keys first counted: new to ``pending``, or admitted at
-  their first sighting), admissions (keys given a row) and evictions (rows taken from a key for another).
+* ``stats``: [3] int64 running totals of inserts (sightings of a key without a row and without a pending
+  count: a key's first, and with ``min_count: 1`` each one until it gets a row), admissions (keys given a
+  row) and evictions (rows taken from a key for another).
 
 A lookup runs the sharded backend's deduplicated exchange (:mod:`wd_sok.embedding.sharded`): per table one
 ``tf.unique``, the distinct keys with their occurrence counts (one [u, 3] int64 alltoall of (key, count,
@@ -245,7 +246,8 @@ class DynamicEmbedding(EmbeddingCollection):
             _, pick = tf.math.top_k(-score, k=tf.cast(tf.minimum(want, used), tf.int32))
             pick = tf.boolean_mask(pick, tf.gather(score, pick) < INT64_MAX)
             return tf.cast(pick, tf.int64) + 1
-        low = tf.reduce_min(last)
+        low = tf.reduce_min(tf.concat([last, tf.reshape(clock, [1])], 0))  # no row yet (a first batch larger
+        # than the shard): low = clock, nothing to evict
         hist = tf.math.unsorted_segment_sum(tf.cast(last < clock, tf.int64), last - low, clock - low + 1)
         cum = tf.math.cumsum(hist)                                   # rows untouched this step with last <= c
         k = tf.minimum(want, cum[-1])
