@@ -4,9 +4,11 @@
    against the same model with fixed sharded tables of ``--rows`` rows, the same Zipf ids
    (benchmarks/dynamic_worker.py ``step``). Target: dynamic <= 1.5x fixed (medians, interleaved repetitions).
 2. ``keys``: one dynamic table (capacity 2**20, width 16, LRU, min_count 1) at 2 ranks, trained on batches of
-   65,536 ids per rank of which 90% are keys never seen before, so the table is full and evicts every step;
-   median step time of 20 steps at each milestone of distinct keys inserted (1e5 ... ``--max_keys``), VmRSS
-   (worker ``keys``). Target: the slowest milestone <= 1.3x the fastest. With ``--pending`` the table has
+   32,768 ids per rank of which 90% are keys never seen before (after 5 warm-up steps on repeated ids), so
+   the table fills within 18 steps and then evicts every step;
+   median step time of 30 steps at each milestone of distinct keys inserted (1e5 ... ``--max_keys``), VmRSS
+   (worker ``keys``), ``--keys_reps`` runs (medians per milestone). Target: the slowest milestone <= 1.3x the
+   fastest. With ``--pending`` the table has
    min_count 2, so the keys seen once pile up in the pending counts until ``--max_rss_gb``: the state bytes
    each such key costs.
 3. ``auc``: main.py at 2 ranks, 2 epochs, on the planted-signal data of tests/dist/common.py (40k training
@@ -25,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -60,20 +63,28 @@ def bench_step(a: argparse.Namespace) -> dict:
 
 def bench_keys(a: argparse.Namespace) -> dict:
     marks = [m for m in (1e5, 1e6, 1e7, 1e8, 1e9) if m <= float(a.max_keys)]
-    common.log(f"keys: milestones {marks}, min_count {2 if a.pending else 1}")
-    res = run_worker(["keys", "--batch", "65536", "--capacity", str(2**20), "--milestones",
-                      ",".join(f"{m:g}" for m in marks), "--min_count", "2" if a.pending else "1",
-                      "--max_rss_gb", str(a.max_rss_gb)], timeout=3600)
-    medians = [m["median_ms"] for m in res["milestones"]]
-    res["ratio"] = max(medians) / min(medians)
-    last = res["milestones"][-1]
-    rows, dim = last["rows_in_use"], res["dim"]
+    runs = []
+    for r in range(a.keys_reps):
+        common.log(f"keys: milestones {marks}, min_count {2 if a.pending else 1}, repetition {r + 1}/{a.keys_reps}")
+        runs.append(run_worker(["keys", "--batch", "32768", "--capacity", str(2**20), "--warmup", "5",
+                                "--milestones", ",".join(f"{m:g}" for m in marks), "--min_count",
+                                "2" if a.pending else "1", "--max_rss_gb", str(a.max_rss_gb)], timeout=3600))
+    n = min(len(run["milestones"]) for run in runs)  # a run stopped by memory has fewer
+    milestones = [{"keys_inserted": runs[0]["milestones"][i]["keys_inserted"],
+                   "median_ms": common.median(run["milestones"][i]["median_ms"] for run in runs),
+                   "rep_median_ms": [run["milestones"][i]["median_ms"] for run in runs],
+                   "rss_mb_max_rank": max(run["milestones"][i]["rss_mb_max_rank"] for run in runs),
+                   "rss_growth_mb_max_rank": max(run["milestones"][i]["rss_growth_mb_max_rank"] for run in runs),
+                   "rows_in_use": runs[0]["milestones"][i]["rows_in_use"],
+                   "pending_keys": runs[0]["milestones"][i]["pending_keys"]} for i in range(n)]
+    medians = [m["median_ms"] for m in milestones]
+    res = {"milestones": milestones, "ratio": max(medians) / min(medians), "runs": runs, "dim": runs[0]["dim"]}
+    last = milestones[-1]
     # per row in use: value + lazy RMSprop's rms [dim] and last [1] floats, row_key/count/last int64, and the
-    # hash map entry (std::unordered_map node ~ 40 bytes + bucket pointer)
-    res["state_bytes_per_row"] = 4 * (2 * dim + 1) + 3 * 8 + 48
+    # hash map entry (key, value and slot overhead, ~48 bytes)
+    res["state_bytes_per_row"] = 4 * (2 * res["dim"] + 1) + 3 * 8 + 48
     if a.pending and last["pending_keys"]:
         res["rss_bytes_per_pending_key"] = last["rss_growth_mb_max_rank"] * 2**20 / (last["pending_keys"] / 2)
-    res["rows_in_use"] = rows
     return res
 
 
@@ -114,16 +125,24 @@ def main() -> int:
     p.add_argument("--max_keys", default="1e8")
     p.add_argument("--pending", action="store_true", help="keys ladder with min_count 2 (memory grows)")
     p.add_argument("--max_rss_gb", type=float, default=6.0)
+    p.add_argument("--keys_reps", type=int, default=2, help="repetitions of the keys ladder (medians per milestone)")
     a = p.parse_args()
     parts = a.only or ["step", "keys", "auc"]
-    result, lines = {}, []
+    previous = common.RESULTS / "dynamic_tables.json"  # --only: the other parts' last figures are kept
+    result = {k: v for k, v in json.loads(previous.read_text()).items() if k in ("step", "keys", "auc")} if (
+        a.only and previous.exists()) else {}
+    lines = []
     if "step" in parts:
-        s = result["step"] = bench_step(a)
+        result["step"] = bench_step(a)
+    if "step" in result:
+        s = result["step"]
         lines.append(("step_time_vs_fixed", s["ratio"] <= 1.5,
                       f"dynamic {s['dynamic_median_ms']:.1f} ms / fixed {s['fixed_median_ms']:.1f} ms = "
-                      f"{s['ratio']:.2f}x at {a.rows:,} rows per table, 2 ranks; <= 1.5x"))
+                      f"{s['ratio']:.2f}x at {s['raw'][0]['rows']:,} rows per table, 2 ranks; <= 1.5x"))
     if "keys" in parts:
-        k = result["keys"] = bench_keys(a)
+        result["keys"] = bench_keys(a)
+    if "keys" in result:
+        k = result["keys"]
         marks = ", ".join(f"{m['keys_inserted']:.1e}: {m['median_ms']:.0f} ms" for m in k["milestones"])
         extra = (f"; {k['rss_bytes_per_pending_key']:.0f} RSS bytes per pending key" if "rss_bytes_per_pending_key"
                  in k else f"; ~{k['state_bytes_per_row']} state bytes per row in use, RSS "
@@ -131,7 +150,9 @@ def main() -> int:
         lines.append(("step_time_flat_over_keys", k["ratio"] <= 1.3,
                       f"{marks}: max/min {k['ratio']:.2f}x; <= 1.3x{extra}"))
     if "auc" in parts:
-        u = result["auc"] = bench_auc(a)
+        result["auc"] = bench_auc(a)
+    if "auc" in result:
+        u = result["auc"]
         lines.append(("auc_vs_fixed", abs(u["auc_diff"]) <= 0.005,
                       f"AUC dynamic {u['dynamic']['auc_roc']:.4f} vs fixed {u['fixed']['auc_roc']:.4f}: "
                       f"{u['auc_diff']:+.4f}; |diff| <= 0.005"))

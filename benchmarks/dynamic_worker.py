@@ -8,8 +8,9 @@ one-hot features of ``--rows`` rows (deep width ``--dim``, wide width 1), 4 nume
 ``keys``: one dynamic table (capacity ``--capacity``, width ``--dim``, lazy RMSprop) trained alone (loss
 ``sum(v * w)``) on batches of ``--batch`` ids per rank: a ``1 - --fresh`` share drawn Zipf from 1e5 head ids
 (repeated, so they keep rows), the rest never seen before (raw ids ``2**40 + (step * N + rank) * B + i``), so
-every step inserts ~``N * B * fresh`` distinct keys. At each milestone of distinct keys inserted (over all
-ranks) it records the median step time of the next 20 steps, VmRSS, rows in use and pending keys; it stops
+every step inserts ~``N * B * fresh`` distinct keys (after ``--warmup`` steps on head ids only, which
+insert none of them). At each milestone of distinct keys inserted (over all
+ranks) it records the median step time of the next ``--window`` steps, VmRSS, rows in use and pending keys; it stops
 after the last milestone or when VmRSS passes ``--max_rss_gb`` (memory ends).
 """
 
@@ -89,6 +90,8 @@ def keys_job(args: argparse.Namespace, rt: Runtime) -> dict:
     w = tf.constant(rng.normal(size=(b, args.dim)), tf.float32)
     milestones = sorted(int(float(m)) for m in args.milestones.split(","))
     per_step = rt.size * (b - n_head)
+    for _ in range(args.warmup):  # trace and warm up on head ids only: nothing new is inserted
+        step(tf.constant(np.minimum(rng.zipf(1.2, b), 100_000).astype(np.int64)), w)
     out, inserted, s, base_rss = [], 0, 0, current_rss_bytes()
     while milestones:
         head = np.minimum(rng.zipf(1.2, n_head), 100_000).astype(np.int64)
@@ -107,7 +110,7 @@ def keys_job(args: argparse.Namespace, rt: Runtime) -> dict:
                                             emb.keyed_count("k")]), "sizes")
             out.append({"keys_inserted": inserted, "steps": s, "rss_mb_max_rank": rss / 2**20,
                         "rss_growth_mb_max_rank": (rss - base_rss) / 2**20, "pending_keys": int(pending[0]),
-                        "rows_in_use": int(pending[1]), "step_ms": [], "pending_steps": 20})
+                        "rows_in_use": int(pending[1]), "step_ms": [], "pending_steps": args.window})
             milestones.pop(0)
             if rss > args.max_rss_gb * 2**30:
                 out[-1]["stopped"] = "memory"
@@ -143,6 +146,7 @@ def main() -> int:
     p.add_argument("--min_count", type=int, default=1)
     p.add_argument("--milestones", default="1e5,1e6,1e7")
     p.add_argument("--max_rss_gb", type=float, default=6.0)
+    p.add_argument("--window", type=int, default=30)
     args = p.parse_args()
     rt = Runtime()
     result = step_job(args, rt) if args.job == "step" else keys_job(args, rt)
