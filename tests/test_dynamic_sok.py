@@ -57,6 +57,14 @@ def test_sok_holds_tables_without_admission_or_eviction_and_applies_them_itself(
         want = 0.05 - 0.1 * g / (np.sqrt(0.5 * g * g) + 1e-7)
         np.testing.assert_allclose(values.numpy()[row[key]], [want, want], rtol=1e-5)
     assert int(sok_part.wrapper._iterations.numpy()) == 1 and int(opt.iterations.numpy()) == 0
+    from wd_sok.state import KeyedTableState, table_states
+
+    model = type("M", (), {"wide_embedding": make_embedding("replicated", [], "zeros", 0, "wide", None),
+                           "deep_embedding": emb})()
+    states = table_states(model, None, opt)  # the plain optimizer gets no slots for SOK's variables
+    assert [type(s).__name__ for s in states] == [KeyedTableState.__name__] * 2
+    with pytest.raises(KeyError):
+        opt.get_slot(var, "rms")
     with pytest.raises(tf.errors.InvalidArgumentError, match="INT64_MAX"):
         emb({"s": tf.constant([np.iinfo(np.int64).max], tf.int64), "t": tf.constant([1], tf.int64)})
 

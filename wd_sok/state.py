@@ -110,7 +110,8 @@ def table_states(model: WideDeepModel, wide_opt: Optimizer | None, deep_opt: Opt
     for emb, opt in ((model.wide_embedding, wide_opt), (model.deep_embedding, deep_opt)):
         states = [KeyedTableState(f"{emb.prefix}/{name}", t, emb.part(name), opt) if t.dynamic is not None
                   else TableState(f"{emb.prefix}/{name}", t, emb, opt) for name, t in emb.tables.items()]
-        ensure_slots(opt, [s.var for s in states])
+        # a collection with its own optimizer wrapper (SOK's dynamic tables) keeps its slots there
+        ensure_slots(opt, [s.var for s in states if not getattr(s.collection, "wraps_optimizer", False)])
         out += states
     return out
 

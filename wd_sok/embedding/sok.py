@@ -256,6 +256,7 @@ class SokDynamicEmbedding(EmbeddingCollection):
                                                  dtype=tf.float32, name=f"{prefix}_{t.name}_dynamic")
                      for t in tables}
         object.__setattr__(self, "wrapper", None)
+        self.wraps_optimizer = True  # slots live in sok.OptimizerWrapper's DynamicVariables, not the optimizer
         self.capacity = {t.name: 2**62 for t in tables}  # DET grows: a restore never drops keys
 
     def attach_optimizer(self, optimizer: tf.keras.optimizers.legacy.Optimizer | None) -> None:
