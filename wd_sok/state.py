@@ -84,8 +84,10 @@ class KeyedTableState:
         return self.collection.table_variable(self.table.name)
 
     def arrays(self) -> list[str]:
-        """Per-row arrays, in file order."""
-        return ["key", "value", *slot_names(self.optimizer), "count", "last"]
+        """Per-row arrays, in file order (the slots of the optimizer holding them: SOK's wrapped one, if any)."""
+        wrapped = getattr(self.collection, "optimizer", None) if getattr(self.collection, "wraps_optimizer", False) \
+            else None
+        return ["key", "value", *slot_names(wrapped or self.optimizer), "count", "last"]
 
     def count(self) -> int:
         return self.collection.keyed_count(self.table.name)
