@@ -202,9 +202,12 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict
         if others:
             best = min(others, key=lambda o: o["step_ms"])
             ratio = r["step_ms"] / best["step_ms"]
+            # the same on each backend's fastest repetition (the least disturbed on a shared machine)
+            ratio_min = r["step_ms_min"] / min(o["step_ms_min"] for o in others)
             targets["planned_step"][f"np{r['np']}/r{r['rows']:.0e}"] = {
-                "goal": f"planned step / min(reference, sharded) step <= 1.05 (min: {best['backend']})",
-                "ratio": ratio, "met": ratio <= 1.05}
+                "goal": f"planned step / min(reference, sharded) step <= 1.05 (medians; min: {best['backend']}; "
+                        f"fastest repetitions: {ratio_min:.3g})",
+                "ratio": ratio, "ratio_fastest": ratio_min, "met": ratio <= 1.05}
     for backend in ("sharded", "planned", "sharded_dense_decay"):
         for np_ in sorted({r["np"] for r in rows_out}):
             a, b = get(backend, np_, lo_rows), get(backend, np_, hi_rows)

@@ -10,7 +10,8 @@ checkpoint written by one process. The SavedModel needs only TensorFlow to run (
 
 Serving signature ``serving_default`` (every input is 1-D; B rows per request, B may be 0):
 
-- ``<onehot>``: [B], the spec's integer dtype: one id per row, in [0, cardinality);
+- ``<onehot>``: [B], the spec's integer dtype: one id per row, in [0, cardinality); for a dynamic feature any
+  raw int64 id: its trained row, or a zero row for an id without one (never seen, or not admitted);
 - ``<multihot>__values``: [N], the spec's integer dtype: every row's ids back to back (Merlin's convention);
 - ``<multihot>__offsets``: [B + 1] int64: row i is ``values[offsets[i]:offsets[i+1]]``; offsets[0] = 0, an
   empty row pools to zeros; pooled by the training combiner (sum or mean);
@@ -46,6 +47,7 @@ import tensorflow as tf
 from wd_sok.checkpoint.format import block_rows
 from wd_sok.data.batch import Batch
 from wd_sok.embedding.base import EmbeddingCollection
+from wd_sok.embedding.composite import CompositeEmbedding, ServingDynamic
 from wd_sok.embedding.replicated import ReplicatedEmbedding
 from wd_sok.model import WideDeepModel
 from wd_sok.optim import read_rows
@@ -124,6 +126,9 @@ def copy_tables(model: WideDeepModel, serving: WideDeepModel | None, runtime: An
     for prefix in ("wide", "deep"):
         emb = getattr(model, f"{prefix}_embedding")
         for name, table in emb.tables.items():
+            if table.dynamic is not None:
+                _copy_keyed(emb, serving, prefix, name, runtime)
+                continue
             rows, var = emb.saved_rows(name), emb.table_variable(name)
             step = block_rows(table.dim)
             blocks = runtime.max_int(-(-rows.count // step), f"export_blocks_{prefix}_{name}")
@@ -142,7 +147,29 @@ def copy_tables(model: WideDeepModel, serving: WideDeepModel | None, runtime: An
 
 def _replicated_like(emb: EmbeddingCollection) -> EmbeddingCollection:
     # zeros: the streamed values overwrite them, so skip the (whole-table) glorot draw
-    return ReplicatedEmbedding(list(emb.tables.values()), "zeros", emb.seed, emb.prefix)
+    fixed = [t for t in emb.tables.values() if t.dynamic is None]
+    dynamic = [t for t in emb.tables.values() if t.dynamic is not None]
+    if not dynamic:
+        return ReplicatedEmbedding(fixed, "zeros", emb.seed, emb.prefix)
+    parts = [ReplicatedEmbedding(fixed, "zeros", emb.seed, emb.prefix)] if fixed else []
+    return CompositeEmbedding(list(emb.tables.values()), [*parts, ServingDynamic(dynamic, emb.seed, emb.prefix)],
+                              "zeros", emb.seed, emb.prefix)
+
+
+def _copy_keyed(emb: EmbeddingCollection, serving: WideDeepModel | None, prefix: str, name: str, runtime: Any
+                ) -> None:
+    """A dynamic table's (key, value) rows, block by block from every rank to rank 0's serving table."""
+    part, dim = emb.part(name), emb.tables[name].dim
+    count, step = part.keyed_count(name), block_rows(dim)
+    for b in range(runtime.max_int(-(-count // step), f"export_blocks_{prefix}_{name}")):
+        lo, hi = min(count, b * step), min(count, (b + 1) * step)
+        with tf.device("/CPU:0"):
+            keys = tf.constant(part.read_keyed(name, "key", lo, hi), tf.int64)
+            values = tf.constant(part.read_keyed(name, "value", lo, hi).reshape(hi - lo, dim), tf.float32)
+        keys = runtime.gather_to_chief(keys, f"export_k_{prefix}_{name}_{b}")
+        values = runtime.gather_to_chief(values, f"export_v_{prefix}_{name}_{b}")
+        if serving is not None:
+            getattr(serving, f"{prefix}_embedding").part(name).add(name, keys, values)
 
 
 def _dummy_batch(model: WideDeepModel) -> Batch:
@@ -196,8 +223,10 @@ def serving_function(serving: WideDeepModel, spec: Any, nan_policy: str = "rejec
             table = tables[name]
             msg = f"{name}: ids must lie in [0, {table.cardinality})"
             flat = tf.cast(inputs[name + VALUES if table.multihot else name], tf.int64)
-            checks += [tf.debugging.assert_non_negative(flat, message=msg),
-                       tf.debugging.assert_less(flat, tf.constant(table.cardinality, tf.int64), message=msg)]
+            if table.dynamic is None:  # a dynamic table takes any raw id (unknown ones read the zero row)
+                checks += [tf.debugging.assert_non_negative(flat, message=msg),
+                           tf.debugging.assert_less(flat, tf.constant(table.cardinality, tf.int64),
+                                                    message=msg)]
             if table.multihot:
                 checks.append(tf.debugging.assert_equal(tf.size(inputs[name + OFFSETS], out_type=tf.int64),
                               rows + 1, message=f"{name}{OFFSETS} must hold B + 1 offsets (B rows)"))
@@ -245,6 +274,8 @@ def save(serving: WideDeepModel, spec: Any, path: Path, nan_policy: str = "rejec
     """``tf.saved_model.save`` of ``serving``'s variables with only the serving signature (no Keras state)."""
     root = tf.Module()
     root.weights = list(serving.variables)  # tracked, so the signature's captured variables are saved
+    root.hash_tables = [t for e in (serving.wide_embedding, serving.deep_embedding)
+                        for p in getattr(e, "parts", [e]) for t in getattr(p, "hash_tables", [])]
     tf.saved_model.save(root, str(path), signatures={SIGNATURE: serving_function(serving, spec, nan_policy)})
 
 
@@ -260,6 +291,9 @@ def describe(trainer: Any, model: WideDeepModel) -> dict[str, Any]:
             inputs[name + OFFSETS]["meaning"] = f"B + 1 row offsets into {name}{VALUES} (first 0)"
         else:
             inputs[name]["meaning"] = f"id of '{name}' per row"
+        if spec.dynamic(name) is not None:
+            for key in [k for k in inputs if k in (name, name + VALUES)]:
+                inputs[key]["meaning"] += " (raw int64 ids, any value; an unknown id reads a zero row)"
     for name in spec.numerical:
         inputs[name]["meaning"] = f"numerical '{name}' per row"
     deep = model.deep_embedding.tables
@@ -270,7 +304,7 @@ def describe(trainer: Any, model: WideDeepModel) -> dict[str, Any]:
         "features": {"onehot": spec.onehot, "multihot": spec.multihot, "numerical": spec.numerical,
                      "label": spec.label},
         "tables": [{"name": t.name, "cardinality": t.cardinality, "deep_dim": t.dim, "multihot": t.multihot,
-                    "combiner": t.combiner} for t in deep.values()],
+                    "combiner": t.combiner, "dynamic": t.dynamic is not None} for t in deep.values()],
         "hidden_units": [layer.units for layer in model.hidden],
         "trained": {"backend": getattr(trainer, "backend", None), "ranks": trainer.rt.size,
                     "global_step": int(trainer.deep_opt.iterations.numpy()), "epoch": getattr(trainer, "epoch", None),

@@ -159,3 +159,31 @@ def _has_slot(optimizer: Optimizer, var: tf.Variable, slot: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def slot_initial(optimizer: Optimizer, slot: str) -> tf.Tensor:
+    """The value a fresh row of slot ``slot`` starts from (a scalar float32): FTRL's / Adagrad's
+    ``initial_accumulator_value`` for "accumulator", the current step for :class:`LazyRMSprop`'s ``last``
+    (nothing owed), else 0 (RMSprop's ``rms``, FTRL's ``linear``, momenta)."""
+    if slot == "accumulator":
+        return tf.constant(float(getattr(optimizer, "_initial_accumulator_value", 0.0)), tf.float32)
+    if slot == "last" and isinstance(optimizer, LazyRMSprop):
+        return tf.cast(optimizer.iterations, tf.float32)
+    return tf.constant(0.0, tf.float32)
+
+
+def reset_slot_rows(optimizer: Optimizer | None, var: tf.Variable, index: tf.Tensor) -> list[tf.Operation]:
+    """Set rows ``index`` [n] int64 of every slot of ``var`` to their initial values (a row handed to a new
+    key must not inherit the old key's optimizer state). Slots not created yet are skipped."""
+    ops = []
+    if optimizer is None:
+        return ops
+    for name in optimizer.get_slot_names():
+        if not _has_slot(optimizer, var, name):
+            continue
+        slot = optimizer.get_slot(var, name)
+        # the static shape: tf.shape(slot) would read (copy) the whole slot variable
+        shape = tf.concat([tf.shape(index), tf.constant(slot.shape[1:].as_list(), tf.int32)], 0)
+        fill = tf.fill(shape, tf.cast(slot_initial(optimizer, name), slot.dtype))
+        ops.append(slot.scatter_update(tf.IndexedSlices(fill, index)))
+    return ops

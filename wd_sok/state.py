@@ -64,13 +64,56 @@ class TableState:
             write_slot_rows(self.optimizer, self.var, array, index, values)
 
 
+@dataclass(frozen=True)
+class KeyedTableState:
+    """One dynamic table on this rank: its rows are named by key (any int64), not by a global row.
+
+    ``collection`` is the dynamic part holding it (:class:`~wd_sok.embedding.dynamic.DynamicEmbedding`, or
+    SOK's); a checkpoint holds per row ``key`` [n] int64, ``value`` and the portable slots [n, dim] float32,
+    ``count`` and ``last`` [n] int64, and the keys still below ``min_count`` (``pending_key``,
+    ``pending_count``), see :mod:`wd_sok.checkpoint.keyed`.
+    """
+
+    key: str
+    table: TableConfig
+    collection: EmbeddingCollection
+    optimizer: Optimizer | None
+
+    @property
+    def var(self) -> tf.Variable:
+        return self.collection.table_variable(self.table.name)
+
+    def arrays(self) -> list[str]:
+        """Per-row arrays, in file order (the slots of the optimizer holding them: SOK's wrapped one, if any)."""
+        wrapped = getattr(self.collection, "optimizer", None) if getattr(self.collection, "wraps_optimizer", False) \
+            else None
+        return ["key", "value", *slot_names(wrapped or self.optimizer), "count", "last"]
+
+    def count(self) -> int:
+        return self.collection.keyed_count(self.table.name)
+
+    def read(self, array: str, lo: int, hi: int) -> np.ndarray:
+        return self.collection.read_keyed(self.table.name, array, lo, hi)
+
+    def pending(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.collection.pending_items(self.table.name)
+
+    def owns(self, keys: np.ndarray) -> np.ndarray:
+        return self.collection.owns(keys)
+
+
+State = TableState | KeyedTableState
+
+
 def table_states(model: WideDeepModel, wide_opt: Optimizer | None, deep_opt: Optimizer | None
-                 ) -> list[TableState]:
+                 ) -> list[State]:
     """Every table of the model on this rank, wide then deep, in spec order; optimizer slots created."""
-    out = []
+    out: list[State] = []
     for emb, opt in ((model.wide_embedding, wide_opt), (model.deep_embedding, deep_opt)):
-        states = [TableState(f"{emb.prefix}/{name}", t, emb, opt) for name, t in emb.tables.items()]
-        ensure_slots(opt, [s.var for s in states])
+        states = [KeyedTableState(f"{emb.prefix}/{name}", t, emb.part(name), opt) if t.dynamic is not None
+                  else TableState(f"{emb.prefix}/{name}", t, emb, opt) for name, t in emb.tables.items()]
+        # a collection with its own optimizer wrapper (SOK's dynamic tables) keeps its slots there
+        ensure_slots(opt, [s.var for s in states if not getattr(s.collection, "wraps_optimizer", False)])
         out += states
     return out
 

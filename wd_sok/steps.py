@@ -57,7 +57,7 @@ def make_train_step(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimiz
                                                name="all_grads_finite") > 0
 
             def apply() -> tf.Tensor:
-                _apply(wide_opt, deep_opt, grads, wide_vars, deep_vars)
+                _apply(wide_opt, deep_opt, grads, wide_vars, deep_vars, model)
                 good_steps.assign_add(1)
                 return tf.constant(True)
 
@@ -71,7 +71,7 @@ def make_train_step(model: WideDeepModel, wide_opt: Optimizer, deep_opt: Optimiz
             scale.assign(tf.where(grow, scale * 2.0, scale))
             good_steps.assign(tf.where(grow, tf.zeros_like(good_steps), good_steps))
         else:
-            _apply(wide_opt, deep_opt, grads, wide_vars, deep_vars)
+            _apply(wide_opt, deep_opt, grads, wide_vars, deep_vars, model)
         return loss_sum
 
     step.loss_scale = scale  # the dynamic scale variable (None without loss scaling), for inspection
@@ -86,10 +86,14 @@ def _pairs(a: list, b: list) -> list[tuple]:
 
 
 @tf.autograph.experimental.do_not_convert  # see _pairs
-def _apply(wide_opt: Optimizer, deep_opt: Optimizer, grads: list, wide_vars: list, deep_vars: list) -> None:
+def _apply(wide_opt: Optimizer, deep_opt: Optimizer, grads: list, wide_vars: list, deep_vars: list,
+           model: WideDeepModel) -> None:
+    """Apply the gradients; tables a collection updates itself (SOK's dynamic ones) go through it first."""
     n = len(wide_vars)
-    wide_opt.apply_gradients([(g, v) for g, v in zip(grads[:n], wide_vars, strict=True) if g is not None])
-    deep_opt.apply_gradients([(g, v) for g, v in zip(grads[n:], deep_vars, strict=True) if g is not None])
+    wide = model.wide_embedding.apply_own([(g, v) for g, v in zip(grads[:n], wide_vars, strict=True) if g is not None])
+    deep = model.deep_embedding.apply_own([(g, v) for g, v in zip(grads[n:], deep_vars, strict=True) if g is not None])
+    wide_opt.apply_gradients(wide)
+    deep_opt.apply_gradients(deep)
 
 
 def _values(g: tf.Tensor | tf.IndexedSlices) -> tf.Tensor:

@@ -72,6 +72,9 @@ class Trainer:
         self.deep_opt = rmsprop(
             DeepLrSchedule(steps_per_epoch=max(self.steps_per_epoch, 1), base_lr=cfg.deep_learning_rate,
                            warmup_epochs=cfg.deep_warmup_epochs, num_epochs=cfg.num_epochs), rho=0.5)
+        for emb, opt in ((self.model.wide_embedding, self.wide_opt), (self.model.deep_embedding, self.deep_opt)):
+            emb.attach_optimizer(opt)  # dynamic tables reset a row's slots when the row changes key
+        self._dynamic_seen: dict[str, np.ndarray] = {}
         self.train_step = make_train_step(self.model, self.wide_opt, self.deep_opt, runtime,
                                           cfg.global_batch_size, loss_scaling=self.compute == "float16")
         self.eval_step = make_eval_step(self.model)
@@ -232,6 +235,7 @@ class Trainer:
                 if stop.agreed:  # the state was saved just before the evaluation
                     self._interrupt(stop)
                 self.log.epoch_end(self.epoch, metrics)
+                self.log_dynamic()
                 if cfg.max_steps and self.global_step >= cfg.max_steps:
                     break
             if not metrics:  # resumed after the last epoch's save, before its evaluation finished
@@ -242,6 +246,27 @@ class Trainer:
         finally:
             stop.restore()
         return metrics
+
+    def log_dynamic(self) -> dict[str, np.ndarray]:
+        """Collective (one allreduce, only with dynamic tables): per dynamic table, the inserts, admissions
+        and evictions since the last call and the rows in use, summed over ranks; rank 0 logs them.
+
+        Returns ``{"<prefix>/<feature>": [inserts, admissions, evictions, rows in use]}`` (int64)."""
+        counters = {f"{e.prefix}/{n}": c for e in (self.model.wide_embedding, self.model.deep_embedding)
+                    for n, c in e.counters().items()}
+        if not counters:
+            return {}
+        keys = sorted(counters)  # every rank has the same tables
+        total = self.rt.sum_host(np.concatenate([counters[k] for k in keys]), "dynamic_counters").astype(np.int64)
+        out = {}
+        for i, key in enumerate(keys):
+            now = total[4 * i:4 * i + 4]
+            prev = self._dynamic_seen.get(key, np.zeros(4, np.int64))
+            out[key] = np.append(now[:3] - prev[:3], now[3])
+            self._dynamic_seen[key] = now
+            self.log.info(f"dynamic table {key}: epoch {self.epoch}: {out[key][0]:,} inserts, {out[key][1]:,} "
+                          f"admissions, {out[key][2]:,} evictions; {now[3]:,} rows in use")
+        return out
 
     def _interrupt(self, stop: _StopFlag) -> None:
         self.save()

@@ -16,6 +16,8 @@ owner?, reduction?}``, informational: readers go by the shards' rows) and per fi
 Row ``i`` of a shard file is global row ``start + i * stride``: the global id of every row is in the
 manifest, not implied by the writer's rank count, so a reader under any rank count and backend reads,
 of each file, only the row ranges holding rows it owns (and never a whole table it does not).
+Dynamic (hash-table) tables name their rows by key instead: ``placement: "dynamic"``, per-rank key, value,
+slot and counter files, re-sharded by key on restore (:mod:`wd_sok.checkpoint.keyed`).
 """
 
 from __future__ import annotations

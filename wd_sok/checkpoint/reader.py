@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from wd_sok.checkpoint import keyed
 from wd_sok.checkpoint.directio import RangeReader
 from wd_sok.checkpoint.format import (
     DENSE,
@@ -36,12 +37,12 @@ from wd_sok.checkpoint.format import (
     read_npy_header,
 )
 from wd_sok.distributed import Runtime
-from wd_sok.state import TableState
+from wd_sok.state import KeyedTableState, State, TableState
 
 DenseImport = Callable[[dict[str, np.ndarray], str], None]
 
 
-def restore_latest(model_dir: str | Path, tables: list[TableState], import_dense: DenseImport,
+def restore_latest(model_dir: str | Path, tables: list[State], import_dense: DenseImport,
                    runtime: Runtime) -> tuple[dict[str, Any], Path]:
     """Load the newest usable checkpoint of ``model_dir`` into this rank's ``tables`` (collective).
 
@@ -85,7 +86,7 @@ def restore_latest(model_dir: str | Path, tables: list[TableState], import_dense
     raise CheckpointError(f"--use_checkpoint: no usable checkpoint in {model_dir}; the oldest: {last}")
 
 
-def read_one(folder: Path, tables: list[TableState], import_dense: DenseImport) -> dict[str, Any]:
+def read_one(folder: Path, tables: list[State], import_dense: DenseImport) -> dict[str, Any]:
     """Restore this rank's part of checkpoint ``folder`` (no collectives); returns its manifest."""
     manifest = read_manifest(folder)
     check_compatible(folder, manifest, tables)
@@ -97,6 +98,9 @@ def read_one(folder: Path, tables: list[TableState], import_dense: DenseImport) 
         raise IncompatibleCheckpoint(str(e.args[0])) from None
     for state in tables:
         entry = manifest["tables"][state.key]
+        if isinstance(state, KeyedTableState):
+            keyed.read_keyed(folder, state, entry, files)
+            continue
         for array in state.arrays():
             if array not in entry["arrays"]:
                 continue  # a slot the writer's optimizer did not have: it keeps its initial value
@@ -105,7 +109,7 @@ def read_one(folder: Path, tables: list[TableState], import_dense: DenseImport) 
     return manifest
 
 
-def check_compatible(folder: Path, manifest: dict[str, Any], tables: list[TableState]) -> None:
+def check_compatible(folder: Path, manifest: dict[str, Any], tables: list[State]) -> None:
     """Same tables with the same shapes, and rows that cover each table; else an error naming the table."""
     stored = manifest.get("tables", {})
     mine = {s.key: s for s in tables}
@@ -121,7 +125,12 @@ def check_compatible(folder: Path, manifest: dict[str, Any], tables: list[TableS
             raise IncompatibleCheckpoint(
                 f"{folder}: table '{key}' ({MANIFEST}): {entry['cardinality']} x {entry['dim']} in the "
                 f"checkpoint, {table.cardinality} x {table.dim} in this model's feature spec")
-        if sum(s["count"] for s in entry["shards"]) != table.cardinality:
+        dynamic = entry.get("placement") == keyed.PLACEMENT
+        if dynamic != isinstance(mine[key], KeyedTableState):
+            kinds = ("a dynamic (keyed) table", "a fixed table")
+            raise IncompatibleCheckpoint(f"{folder}: table '{key}' ({MANIFEST}): {kinds[not dynamic]} in the "
+                                         f"checkpoint, {kinds[dynamic]} in this model's feature spec")
+        if not dynamic and sum(s["count"] for s in entry["shards"]) != table.cardinality:
             raise CorruptCheckpoint(f"{folder}: table '{key}' ({MANIFEST}): its shards hold "
                                     f"{sum(s['count'] for s in entry['shards'])} of {table.cardinality} rows")
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from wd_sok.checkpoint import keyed
 from wd_sok.checkpoint.directio import SequentialWriter
 from wd_sok.checkpoint.format import (
     DENSE,
@@ -36,10 +37,10 @@ from wd_sok.checkpoint.format import (
     write_npy_header,
 )
 from wd_sok.distributed import Runtime
-from wd_sok.state import TableState
+from wd_sok.state import KeyedTableState, State, TableState
 
 
-def save(model_dir: str | Path, step: int, tables: list[TableState], dense: dict[str, np.ndarray] | None,
+def save(model_dir: str | Path, step: int, tables: list[State], dense: dict[str, np.ndarray] | None,
          meta: dict[str, Any], runtime: Runtime, keep: int = 2) -> dict[str, Any]:
     """Write checkpoint ``ckpt-<step>`` (collective: every rank calls it with its own ``tables``).
 
@@ -77,7 +78,11 @@ def save(model_dir: str | Path, step: int, tables: list[TableState], dense: dict
     record: dict[str, Any] = {"rank": runtime.rank, "tables": {}, "files": {}, "error": ""}
     try:
         for state in tables:
-            record["tables"][state.key] = _write_table(tmp, state, runtime, record["files"])
+            if isinstance(state, KeyedTableState):  # dynamic: rows named by key (wd_sok.checkpoint.keyed)
+                record["tables"][state.key] = keyed.write_keyed(tmp, state, runtime.rank, runtime.size,
+                                                                record["files"])
+            else:
+                record["tables"][state.key] = _write_table(tmp, state, runtime, record["files"])
     except OSError as e:
         record["error"] = f"rank {runtime.rank}: {e.filename or tmp}: {e.strerror}"
     seconds = time.perf_counter() - t0
@@ -89,8 +94,9 @@ def save(model_dir: str | Path, step: int, tables: list[TableState], dense: dict
         try:
             if outcome["error"]:
                 raise CheckpointError(outcome["error"])
-            info = {s.key: {"cardinality": s.table.cardinality, "dim": s.table.dim, "dtype": "float32",
-                            "plan": s.collection.placement(s.table.name).describe()} for s in tables}
+            info = {s.key: keyed.table_info(s) if isinstance(s, KeyedTableState) else
+                    {"cardinality": s.table.cardinality, "dim": s.table.dim, "dtype": "float32",
+                     "plan": s.collection.placement(s.table.name).describe()} for s in tables}
             _commit(tmp, final, step, records, dense, {**meta, "tables": info}, runtime.size)
             for old in list_checkpoints(model_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -138,8 +144,8 @@ def _commit(tmp: Path, final: Path, step: int, records: list[dict], dense: dict[
             entry = tables.setdefault(key, {"arrays": list(shard["files"]), "shards": []})
             entry["shards"].append(shard)
     for key, entry in tables.items():
-        entry.update(meta["tables"][key])  # cardinality, dim, dtype from the table's config
-        entry["placement"] = PLACEMENT
+        entry.update(meta["tables"][key])  # cardinality, dim, dtype (dynamic: placement, rules) from the config
+        entry.setdefault("placement", PLACEMENT)
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world,
                 "written_unix": time.time(), **{k: v for k, v in meta.items() if k != "tables"},
                 "tables": tables, "files": files}

@@ -25,7 +25,17 @@ def make_embedding(backend: str, tables: list[TableConfig], initializer: str, se
                    placements: dict[str, Placement] | None = None) -> EmbeddingCollection:
     """Build the embedding layer of ``backend`` ('replicated', 'sharded' or 'sok') for ``tables`` (``runtime``
     may be None for a lone replicated model). ``placements`` (feature -> :class:`Placement`, from
-    :func:`wd_sok.embedding.plan.make_plan`) places the sharded and SOK backends' tables; row-wise when absent."""
+    :func:`wd_sok.embedding.plan.make_plan`) places the sharded and SOK backends' fixed tables; row-wise when
+    absent. Dynamic tables (``TableConfig.dynamic``) go to hash tables (:mod:`wd_sok.embedding.dynamic`, or
+    SOK's under 'sok'), alongside the fixed ones in one collection."""
+    if any(t.dynamic is not None for t in tables):
+        from wd_sok.embedding.composite import CompositeEmbedding
+
+        fixed = [t for t in tables if t.dynamic is None]
+        dynamic = [t for t in tables if t.dynamic is not None]
+        parts = [make_embedding(backend, fixed, initializer, seed, prefix, runtime, placements)] if fixed else []
+        parts += make_dynamic(backend, dynamic, initializer, seed, prefix, runtime)
+        return CompositeEmbedding(tables, parts, initializer, seed, prefix)
     if backend == "replicated":
         from wd_sok.embedding.replicated import ReplicatedEmbedding
 
@@ -40,3 +50,21 @@ def make_embedding(backend: str, tables: list[TableConfig], initializer: str, se
 
         return SokEmbedding(tables, initializer, seed, prefix, runtime, placements)
     raise ValueError(f"unknown embedding backend {backend!r} (replicated, sharded, sok)")
+
+
+def make_dynamic(backend: str, tables: list[TableConfig], initializer: str, seed: int, prefix: str,
+                 runtime: Runtime | None) -> list[EmbeddingCollection]:
+    """The parts holding a collection's dynamic tables: TF hash tables sharded by key over the ranks
+    (:mod:`wd_sok.embedding.dynamic`; for 'replicated' too: a dynamic table has no whole-table copy to
+    replicate); under 'sok', SOK's DynamicVariable for the tables it can hold as specified (``min_count: 1,
+    evict: none``: it has neither admission counts nor eviction), the TF hash tables for the others."""
+    from wd_sok.embedding.dynamic import DynamicEmbedding
+
+    if backend != "sok":
+        return [DynamicEmbedding(tables, initializer, seed, prefix, runtime)]
+    from wd_sok.embedding.sok import SokDynamicEmbedding, sok_can_hold
+
+    held = [t for t in tables if sok_can_hold(t)]
+    rest = [t for t in tables if not sok_can_hold(t)]
+    return ([SokDynamicEmbedding(held, initializer, seed, prefix, runtime)] if held else []) + (
+        [DynamicEmbedding(rest, initializer, seed, prefix, runtime)] if rest else [])

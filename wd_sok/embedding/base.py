@@ -150,6 +150,18 @@ class EmbeddingCollection(tf.keras.layers.Layer):
         raise NotImplementedError
 
     # ---- what a backend exposes to training and checkpoints
+    def attach_optimizer(self, optimizer: tf.keras.optimizers.legacy.Optimizer | None) -> None:
+        """The optimizer owning these tables' slots (dynamic tables reset a row's slots when it changes key)."""
+
+    def apply_own(self, pairs: list[tuple]) -> list[tuple]:
+        """Apply the (grad, var) pairs of variables this collection updates itself (SOK's dynamic tables,
+        through its optimizer wrapper); return the others, for the plain optimizer."""
+        return pairs
+
+    def counters(self) -> dict[str, np.ndarray]:
+        """Dynamic tables' running [inserts, admissions, evictions, rows in use] on this rank; {} for fixed ones."""
+        return {}
+
     @property
     def sparse_variables(self) -> list[tf.Variable]:
         """Variables whose gradients must NOT be dense-allreduced (sharded tables); [] when replicated."""

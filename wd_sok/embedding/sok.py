@@ -57,9 +57,9 @@ whole-table gather on one rank that per-rank checkpoints avoid. Instead each ran
 slots to its own files in wd-sok's sharded format (``wd_sok.checkpoint``, through :class:`RowShardedCollection`'s
 row maps), exactly as the sharded backend does, so checkpoints move between SOK, CPU backends and rank counts.
 The initial rows are written the same way: ``sok.Variable`` starts from zeros and :func:`fill_initial` writes
-them block by block (no full-shard tf.constant). Also not used: ``sok.DynamicVariable`` (hash tables; needs
-``sok.OptimizerWrapper``), ``sp_weights``, ``sok.all2all_dense_embedding``, ``sok.incremental_model_dump``
-(v24.06.00): wd-sok's tables have fixed sizes.
+them block by block (no full-shard tf.constant). Dynamic (hash-table) features use ``sok.DynamicVariable``
+with ``sok.OptimizerWrapper``: :class:`SokDynamicEmbedding`. Not used: ``sp_weights``,
+``sok.all2all_dense_embedding``, ``sok.incremental_model_dump`` (v24.06.00).
 """
 
 from __future__ import annotations
@@ -67,12 +67,14 @@ from __future__ import annotations
 import inspect
 from types import ModuleType
 
+import numpy as np
 import tensorflow as tf
 
 from wd_sok.distributed import Runtime
-from wd_sok.embedding.base import Placement, fill_initial, pool
+from wd_sok.embedding.base import EmbeddingCollection, Placement, fill_initial, pool
 from wd_sok.embedding.sharded import Ids, RowShardedCollection, checked_ids, expand
 from wd_sok.feature_spec import TableConfig
+from wd_sok.optim import LazyRMSprop
 
 _SOK_READY = False
 MIN_VERSION = (2, 0)
@@ -228,3 +230,163 @@ class SokEmbedding(RowShardedCollection):
         """The SOK variables (``sok.filter_variables``): gradients already global, never allreduced."""
         sok_vars, _ = init_sok(self.runtime).filter_variables([self.shards[n] for n in self.exchanged])
         return sok_vars
+
+
+class SokDynamicEmbedding(EmbeddingCollection):
+    """Dynamic tables as ``sok.DynamicVariable`` (GPU hash tables, key k on GPU ``k % N``), for the tables
+    SOK can hold as the spec says: ``min_count: 1`` and ``evict: none`` (see :func:`sok_can_hold`).
+
+    Read from NVIDIA-Merlin/HugeCTR ``sparse_operation_kit/sparse_operation_kit/`` (``pkg/``; dynamic_variable.py
+    at commit 2f28608, optimizer.py at 1c36b21, the examples at 7db4647):
+
+    * ``sok.DynamicVariable(dimension, initializer, var_type="hbm", key_type=tf.int64)`` (``pkg/dynamic_variable.py``,
+      ``DynamicVariable.__init__``): a hash table that grows on lookup (DET, "hbm"); ``initializer`` is "random"
+      or a float's string (here "random" for the deep part, "0" for the wide part: SOK draws its own rows, not
+      :func:`~wd_sok.embedding.keys.initial_key_rows`). DET reserves the keys ``INT64_MAX`` (empty) and
+      ``INT64_MIN`` (reclaim) and "the program will crash" on them (same docstring): lookups assert they are
+      absent, naming the feature. SOK has no admission count and DET no eviction, hence :func:`sok_can_hold`.
+    * Placement: rank r holds keys ``k % N == r`` (``examples/lookup_example_tf2/
+      lookup_sparse_distributed_dynamic_test.py`` reads rank r's keys back as ``np.arange(local) * N + r``).
+    * ``sok.lookup_sparse([dynamic variables], ragged int64 ids, combiners)`` (the same example).
+    * ``sok.export(var) -> (keys, values)`` of this rank, on the host, and ``sok.assign(var, keys, values)``
+      (``pkg/dynamic_variable.py`` ``export`` / ``assign``; ``examples/utils_example_tf2/
+      assign_and_export_test.py``): checkpoints and export. There is no ranged export, so a save holds one host
+      copy of this rank's own rows (and of each slot) while it writes them; count / last are not kept by SOK
+      and are saved as 0.
+    * ``sok.OptimizerWrapper(opt)`` (``pkg/optimizer.py``): a legacy Keras optimizer becomes
+      ``OptimizerWrapperV2``, which builds every slot as a DynamicVariable initialised from the slots of a
+      [1] dummy variable (``__init__``, ``_create_slots_dynamic``), copies the touched rows and slots into a
+      static buffer (``to_static(unique)``), runs the optimizer's own sparse update on it and writes it back;
+      it swaps in its own ``iterations`` counter while doing so ("# 2. Switch iterations"). So any legacy
+      optimizer with per-row slots of the table's width works: **FTRL** (wide: ``accumulator``, ``linear``) as
+      is, and **RMSprop**: the deep dynamic tables use Keras' legacy ``RMSprop`` with the deep optimizer's
+      hyperparameters and schedule, not :class:`~wd_sok.optim.LazyRMSprop`, whose ``last`` slot is [rows]
+      (one float per row, not [rows, dim]) and cannot be built from the wrapper's slot template. Its rms
+      decays only on the steps a key is touched (the static buffer holds only those rows). The wrapper's
+      counter is set to the optimizer's step after a restore, so the learning-rate schedule stays on time.
+    """
+
+    def __init__(self, tables: list[TableConfig], initializer: str, seed: int, prefix: str,
+                 runtime: Runtime, **kw) -> None:
+        super().__init__(tables, initializer, seed, prefix, **kw)
+        self.runtime, self.rank, self.world = runtime, runtime.rank, runtime.size
+        sok = init_sok(runtime)
+        self.names = [t.name for t in tables]
+        self.vars = {t.name: sok.DynamicVariable(dimension=t.dim, initializer="0" if initializer == "zeros"
+                                                 else "random", var_type="hbm", key_type=tf.int64,
+                                                 dtype=tf.float32, name=f"{prefix}_{t.name}_dynamic")
+                     for t in tables}
+        object.__setattr__(self, "wrapper", None)
+        self.wraps_optimizer = True  # slots live in sok.OptimizerWrapper's DynamicVariables, not the optimizer
+        self.capacity = {t.name: 2**62 for t in tables}  # DET grows: a restore never drops keys
+
+    def attach_optimizer(self, optimizer: tf.keras.optimizers.legacy.Optimizer | None) -> None:
+        """Wrap (a plain-RMSprop stand-in for) ``optimizer`` with ``sok.OptimizerWrapper``; create the slots."""
+        if optimizer is None:
+            return
+        if isinstance(optimizer, LazyRMSprop):
+            optimizer = tf.keras.optimizers.legacy.RMSprop(optimizer._get_hyper("learning_rate"),  # noqa: SLF001
+                                                           rho=optimizer._get_hyper("rho"),  # noqa: SLF001
+                                                           epsilon=optimizer.epsilon)
+        wrapper = init_sok(self.runtime).OptimizerWrapper(optimizer)
+        wrapper._create_slots(list(self.vars.values()))  # noqa: SLF001 - pkg/optimizer.py's only way
+        object.__setattr__(self, "wrapper", wrapper)
+        object.__setattr__(self, "optimizer", optimizer)
+
+    @tf.autograph.experimental.do_not_convert
+    def lookup(self, ids: dict[str, Ids]) -> dict[str, tf.Tensor]:
+        if not self.names:
+            return {}
+        ragged = []
+        for name in self.names:
+            x = ids[name]
+            values = tf.cast(x.flat_values if isinstance(x, tf.RaggedTensor) else tf.reshape(x, [-1]), tf.int64)
+            ok = tf.reduce_all((values != tf.int64.max) & (values != tf.int64.min))
+            check = tf.debugging.Assert(ok, [f"{self.prefix} embedding: feature '{name}': SOK's dynamic tables "
+                                             "reserve the ids INT64_MAX and INT64_MIN"])
+            with tf.control_dependencies([check]):
+                values = tf.identity(values)
+            ragged.append(tf.RaggedTensor.from_row_splits(values, tf.cast(x.row_splits, tf.int64), validate=False)
+                          if isinstance(x, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(values[:, None]))
+        vectors = init_sok(self.runtime).lookup_sparse([self.vars[n] for n in self.names], ragged,
+                                                       combiners=["sum"] * len(self.names))
+        out = {}
+        for name, r, v in zip(self.names, ragged, vectors, strict=True):
+            if self.tables[name].combiner == "mean":
+                v = v / tf.cast(tf.maximum(r.row_lengths(), 1), v.dtype)[:, None]
+            out[name] = v
+        return out
+
+    @property
+    def sparse_variables(self) -> list[tf.Variable]:
+        return init_sok(self.runtime).filter_variables(list(self.vars.values()))[0]
+
+    def apply_own(self, pairs: list[tuple]) -> list[tuple]:
+        """Apply the gradients of these tables through the SOK wrapper; return the other (grad, var) pairs."""
+        mine = {id(v) for v in self.vars.values()}
+        own = [(g, v) for g, v in pairs if id(v) in mine]
+        if own and self.wrapper is not None:
+            self.wrapper.apply_gradients(own)
+        return [(g, v) for g, v in pairs if id(v) not in mine]
+
+    def table_variable(self, name: str) -> tf.Variable:
+        return self.vars[name]
+
+    def placement(self, name: str) -> Placement:
+        return Placement("dynamic")
+
+    # ---- keyed checkpoints (the interface of wd_sok.embedding.dynamic.DynamicEmbedding)
+    owner_of_keys = staticmethod(lambda keys, world: np.asarray(keys, np.int64) % world)
+
+    def owns(self, keys: np.ndarray) -> np.ndarray:
+        return self.owner_of_keys(keys, self.world) == self.rank
+
+    def _export(self, name: str) -> dict[str, np.ndarray]:
+        """This rank's keys (sorted) with their values and slots, exported from SOK (one host copy)."""
+        sok = init_sok(self.runtime)
+        keys, values = (np.asarray(x) for x in sok.export(self.vars[name]))
+        order = np.argsort(keys, kind="stable")
+        out = {"key": keys[order], "value": values[order]}
+        for slot in ([] if self.wrapper is None else self.wrapper.get_slot_names()):
+            skeys, svalues = (np.asarray(x) for x in sok.export(self.wrapper.get_slot(self.vars[name], slot)))
+            out[slot] = svalues[np.argsort(skeys, kind="stable")]
+        out["count"] = out["last"] = np.zeros(keys.size, np.int64)
+        return out
+
+    def keyed_count(self, name: str) -> int:
+        object.__setattr__(self, "_exported", {name: self._export(name)})  # the save reads blocks of this
+        return int(self._exported[name]["key"].size)
+
+    def read_keyed(self, name: str, array: str, lo: int, hi: int) -> np.ndarray:
+        return self._exported[name][array][lo:hi]
+
+    def pending_items(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros([0], np.int64), np.zeros([0], np.int64)
+
+    def clock_value(self) -> int:
+        return 0
+
+    def set_clock(self, value: int) -> None:
+        """(No clock under SOK.) Called first by a restore: put the wrapper's step counter on time."""
+        if self.wrapper is not None and self.optimizer is not None:
+            self.wrapper._iterations.assign(self.optimizer.iterations)  # noqa: SLF001 - see the class docstring
+
+    def clear_keyed(self, name: str) -> None:
+        """SOK cannot empty a DynamicVariable; a restore assigns every key it restores."""
+
+    def insert_keyed(self, name: str, arrays: dict[str, np.ndarray]) -> int:
+        sok = init_sok(self.runtime)
+        keys = tf.constant(arrays["key"], tf.int64)
+        sok.assign(self.vars[name], keys, tf.constant(arrays["value"], tf.float32))
+        for slot, values in arrays.items():
+            if self.wrapper is not None and slot in self.wrapper.get_slot_names():
+                sok.assign(self.wrapper.get_slot(self.vars[name], slot), keys, tf.constant(values, tf.float32))
+        return 0
+
+    def insert_pending(self, name: str, keys: np.ndarray, counts: np.ndarray) -> None:
+        """(No admission under SOK: its tables have min_count 1.)"""
+
+
+def sok_can_hold(table: TableConfig) -> bool:
+    """Whether SOK's DynamicVariable implements ``table``'s rules: no admission count, no eviction."""
+    return table.dynamic is not None and table.dynamic.min_count == 1 and table.dynamic.evict == "none"
