@@ -411,7 +411,7 @@ def breakdown(trainer: Any, steps: int) -> dict[str, float]:
 
     @tf.function(reduce_retracing=True)
     def apply(gs: list) -> tf.Tensor:
-        _apply(trainer.wide_opt, trainer.deep_opt, gs, wide_vars, deep_vars)
+        _apply(trainer.wide_opt, trainer.deep_opt, gs, wide_vars, deep_vars, model)
         return tf.constant(0)
 
     eval_step = tf.function(lambda b: tf.sigmoid(model(b, training=False)), reduce_retracing=True)
