@@ -46,7 +46,7 @@ import tensorflow as tf
 from wd_sok.distributed import Runtime
 from wd_sok.embedding.base import EmbeddingCollection, Placement, ensure_slots, pool, strided_rows
 from wd_sok.embedding.keys import initial_key_rows, initial_key_rows_np, owner, owner_np
-from wd_sok.embedding.sharded import Ids, _counts, expand
+from wd_sok.embedding.sharded import Ids, _counts, exchange_vectors, expand
 from wd_sok.feature_spec import TableConfig
 from wd_sok.optim import read_slot_rows, reset_slot_rows, write_slot_rows
 
@@ -146,26 +146,13 @@ class DynamicEmbedding(EmbeddingCollection):
         keys_by_table = tf.dynamic_partition(recv[:, 0], recv_table, n_tables)
         occ_by_table = tf.dynamic_partition(recv[:, 1], recv_table, n_tables)
 
-        pieces: list[list[tf.Tensor]] = [[] for _ in range(n_ranks)]
+        rows = []
         for t, name in enumerate(self.names):
             local = self._resolve(name, keys_by_table[t], occ_by_table[t], training)  # [m_t], 0 = zero row
-            rows = tf.gather(self.shards[name], local) * tf.cast(local > 0, tf.float32)[:, None]
-            for s, part in enumerate(tf.split(rows, recv_counts[:, t], num=n_ranks)):
-                pieces[s].append(tf.reshape(part, [-1]))
-        answer = tf.concat([p for per_source in pieces for p in per_source], 0)
-        width = tf.constant(dims, tf.int32)
-        back, _ = self._alltoall(answer, tf.reduce_sum(recv_counts * width, 1), "vectors")
-
-        parts = tf.split(back, tf.reshape(send_counts * width, [-1]), num=n_ranks * n_tables)
-        position = tf.dynamic_partition(order, tf.gather(table, order), n_tables)
-        starts = tf.math.cumsum(tf.stack(sizes), exclusive=True)
-        out = []
-        for t, dim in enumerate(dims):
-            sorted_rows = tf.concat([tf.reshape(parts[d * n_tables + t], [-1, dim]) for d in range(n_ranks)], 0)
-            index = (position[t] - starts[t])[:, None]
-            distinct = tf.scatter_nd(index, sorted_rows, tf.stack([sizes[t], dim]))  # [u_t, dim_t]
-            out.append(expand(distinct, inverse[t]))                                # [n_t, dim_t]
-        return out
+            rows.append(tf.gather(self.shards[name], local) * tf.cast(local > 0, tf.float32)[:, None])
+        distinct = exchange_vectors(rows, recv_counts, send_counts, dims, order, table, sizes,
+                                    lambda x, splits: self._alltoall(x, splits, "vectors"))
+        return [expand(d, inverse[t]) for t, d in enumerate(distinct)]                # [n_t, dim_t]
 
     def _alltoall(self, tensor: tf.Tensor, splits: tf.Tensor, what: str) -> tuple[tf.Tensor, tf.Tensor]:
         if self.world == 1:

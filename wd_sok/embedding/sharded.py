@@ -242,38 +242,58 @@ class ShardedEmbedding(RowShardedCollection):
         if self.exchange_hook is not None:
             self.exchange_hook(send_counts, recv_counts)
 
-        # 2. local gathers; answer each source with [its table-0 rows, its table-1 rows, ...] flattened
-        pieces: list[list[tf.Tensor]] = [[] for _ in range(n_ranks)]
+        # 2. local gathers, answered to each source; 3. cut per (owner, table), undo the sort
         rows_by_table = tf.dynamic_partition(recv_local, recv_table, n_tables)
-        for t, name in enumerate(self.exchanged):
-            rows = tf.gather(self.shards[name], rows_by_table[t])             # [m_t, dim_t], source-major
-            for s, part in enumerate(tf.split(rows, recv_counts[:, t], num=n_ranks)):
-                pieces[s].append(tf.reshape(part, [-1]))
-        answer = tf.concat([p for per_source in pieces for p in per_source], 0)
-        width = tf.constant(dims, tf.int32)
-        back, _ = self._alltoall(answer, tf.reduce_sum(recv_counts * width, 1), "vectors")
-
-        # 3. cut the answers per (owner, table), undo the sort within each table, expand the duplicates
-        parts = tf.split(back, tf.reshape(send_counts * width, [-1]), num=n_ranks * n_tables)
-        position = tf.dynamic_partition(order, tf.gather(table, order), n_tables)
+        rows = [tf.gather(self.shards[name], rows_by_table[t]) for t, name in enumerate(self.exchanged)]
+        distinct = exchange_vectors(rows, recv_counts, send_counts, dims, order, table, sizes,
+                                    lambda x, splits: self._alltoall(x, splits, "vectors"))
         starts = tf.math.cumsum(tf.stack(sizes), exclusive=True)
         # tf.split, not tf.dynamic_partition: with the latter, grappler's shape inference mis-sized the
         # traced pooling gradient ("Incompatible shapes" in RaggedReduceSum's gradient, TF 2.15)
         inverse_by_table = tf.split(inverse, counts, num=n_tables)
-        out = []
-        for t, dim in enumerate(dims):
-            sorted_rows = tf.concat([tf.reshape(parts[d * n_tables + t], [-1, dim])
-                                     for d in range(n_ranks)], 0)                  # [u_t, dim_t]
-            index = (position[t] - starts[t])[:, None]
-            distinct = tf.scatter_nd(index, sorted_rows, tf.stack([sizes[t], dim]))  # [u_t, dim_t]
-            out.append(expand(distinct, inverse_by_table[t] - starts[t]))        # [n_t, dim_t]
-        return out
+        return [expand(d, inverse_by_table[t] - starts[t]) for t, d in enumerate(distinct)]  # [n_t, dim_t]
 
     def _alltoall(self, tensor: tf.Tensor, splits: tf.Tensor, what: str) -> tuple[tf.Tensor, tf.Tensor]:
         """``hvd.alltoall`` with uneven ``splits`` [N] int32; the identity on one rank."""
         if self.world == 1:
             return tensor, splits
         return self.runtime.hvd.alltoall(tensor, splits=splits, name=f"{self.prefix}_emb_{what}")
+
+
+def exchange_vectors(rows: list[tf.Tensor], recv_counts: tf.Tensor, send_counts: tf.Tensor, dims: list[int],
+                     order: tf.Tensor, table: tf.Tensor, sizes: list[tf.Tensor],
+                     alltoall: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]) -> list[tf.Tensor]:
+    """The vector half of an exchange (this backend's and the dynamic tables'): the owner answers, the
+    requester unpacks.
+
+    Args:
+        rows: per table t, [m_t, dim_t] rows this rank answers, source-major (as the ids arrived).
+        recv_counts, send_counts: [N, T] int32 ids received from / sent to each (rank, table).
+        dims: per table its width.
+        order: [u] int32, the sort of this rank's distinct ids by (owner, table) they were sent in.
+        table: [u] int32 table of each distinct id, in first-occurrence order (tables contiguous, in order).
+        sizes: per table [] int32 distinct ids.
+        alltoall: ``(tensor, splits [N]) -> (received, splits)``, the identity on one rank.
+    Returns:
+        per table, [u_t, dim_t] rows of its distinct ids in first-occurrence order.
+    """
+    n_ranks, n_tables = int(recv_counts.shape[0]), len(dims)
+    pieces: list[list[tf.Tensor]] = [[] for _ in range(n_ranks)]
+    for t, r in enumerate(rows):  # each source gets [its table-0 rows, its table-1 rows, ...] flattened
+        for s, part in enumerate(tf.split(r, recv_counts[:, t], num=n_ranks)):
+            pieces[s].append(tf.reshape(part, [-1]))
+    answer = tf.concat([p for per_source in pieces for p in per_source], 0)
+    width = tf.constant(dims, tf.int32)
+    back, _ = alltoall(answer, tf.reduce_sum(recv_counts * width, 1))
+    parts = tf.split(back, tf.reshape(send_counts * width, [-1]), num=n_ranks * n_tables)
+    position = tf.dynamic_partition(order, tf.gather(table, order), n_tables)
+    starts = tf.math.cumsum(tf.stack(sizes), exclusive=True)
+    out = []
+    for t, dim in enumerate(dims):
+        sorted_rows = tf.concat([tf.reshape(parts[d * n_tables + t], [-1, dim]) for d in range(n_ranks)], 0)
+        index = (position[t] - starts[t])[:, None]
+        out.append(tf.scatter_nd(index, sorted_rows, tf.stack([sizes[t], dim])))  # [u_t, dim_t]
+    return out
 
 
 @tf.custom_gradient
