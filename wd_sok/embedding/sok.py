@@ -153,6 +153,31 @@ def init_sok(runtime: Runtime) -> ModuleType:
     return sok
 
 
+def sok_pooled(runtime: Runtime, variables: dict[str, tf.Variable], ids: dict[str, Ids], values: list[tf.Tensor],
+               tables: dict[str, TableConfig]) -> dict[str, tf.Tensor]:
+    """One fused ``sok.lookup_sparse`` over ``variables`` (feature -> SOK variable, in lookup order).
+
+    Args:
+        ids: per feature its one-hot [B] or ragged [B, (k)] ids (for the row structure).
+        values: per feature of ``variables``, its flat [n] int64 ids, already checked.
+    Returns:
+        ``{feature: [B, dim] float32}``, pooled by the table's combiner: SOK sums and we divide by the row
+        length for "mean", so empty rows give 0 as :func:`pool` does.
+    """
+    ragged = []
+    for name, v in zip(variables, values, strict=True):
+        x = ids[name]
+        ragged.append(tf.RaggedTensor.from_row_splits(v, tf.cast(x.row_splits, tf.int64), validate=False)
+                      if isinstance(x, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(v[:, None]))  # one-hot
+    vectors = init_sok(runtime).lookup_sparse(list(variables.values()), ragged, combiners=["sum"] * len(ragged))
+    out = {}
+    for name, r, v in zip(variables, ragged, vectors, strict=True):
+        if tables[name].combiner == "mean":
+            v = v / tf.cast(tf.maximum(r.row_lengths(), 1), v.dtype)[:, None]
+        out[name] = v
+    return out
+
+
 class SokEmbedding(RowShardedCollection):
     """Tables as SOK variables looked up with ``sok.lookup_sparse``: row-wise tables are SOK distributed
     variables (row g on GPU g % N), table-wise ones SOK localized variables (``mode="localized:<owner>"``:
@@ -208,21 +233,8 @@ class SokEmbedding(RowShardedCollection):
                              else tf.reshape(v, tf.concat([tf.shape(x, out_type=tf.int32), [table.dim]], 0)))
         if not self.exchanged:
             return out
-        ragged = []
-        for name in self.exchanged:
-            x, table = ids[name], self.tables[name]
-            values = checked_ids(x, table, self.prefix)
-            if isinstance(x, tf.RaggedTensor):
-                ragged.append(tf.RaggedTensor.from_row_splits(values, tf.cast(x.row_splits, tf.int64),
-                                                              validate=False))
-            else:  # one-hot [B]: rows of exactly one id
-                ragged.append(tf.RaggedTensor.from_tensor(values[:, None]))
-        vectors = init_sok(self.runtime).lookup_sparse([self.shards[n] for n in self.exchanged], ragged,
-                                                       combiners=["sum"] * len(self.exchanged))
-        for name, r, v in zip(self.exchanged, ragged, vectors, strict=True):
-            if self.tables[name].combiner == "mean":
-                v = v / tf.cast(tf.maximum(r.row_lengths(), 1), v.dtype)[:, None]
-            out[name] = v
+        values = [checked_ids(ids[n], self.tables[n], self.prefix) for n in self.exchanged]
+        out.update(sok_pooled(self.runtime, {n: self.shards[n] for n in self.exchanged}, ids, values, self.tables))
         return out
 
     @property
@@ -297,7 +309,7 @@ class SokDynamicEmbedding(EmbeddingCollection):
     def lookup(self, ids: dict[str, Ids]) -> dict[str, tf.Tensor]:
         if not self.names:
             return {}
-        ragged = []
+        checked = []
         for name in self.names:
             x = ids[name]
             values = tf.cast(x.flat_values if isinstance(x, tf.RaggedTensor) else tf.reshape(x, [-1]), tf.int64)
@@ -305,17 +317,8 @@ class SokDynamicEmbedding(EmbeddingCollection):
             check = tf.debugging.Assert(ok, [f"{self.prefix} embedding: feature '{name}': SOK's dynamic tables "
                                              "reserve the ids INT64_MAX and INT64_MIN"])
             with tf.control_dependencies([check]):
-                values = tf.identity(values)
-            ragged.append(tf.RaggedTensor.from_row_splits(values, tf.cast(x.row_splits, tf.int64), validate=False)
-                          if isinstance(x, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(values[:, None]))
-        vectors = init_sok(self.runtime).lookup_sparse([self.vars[n] for n in self.names], ragged,
-                                                       combiners=["sum"] * len(self.names))
-        out = {}
-        for name, r, v in zip(self.names, ragged, vectors, strict=True):
-            if self.tables[name].combiner == "mean":
-                v = v / tf.cast(tf.maximum(r.row_lengths(), 1), v.dtype)[:, None]
-            out[name] = v
-        return out
+                checked.append(tf.identity(values))
+        return sok_pooled(self.runtime, self.vars, ids, checked, self.tables)
 
     @property
     def sparse_variables(self) -> list[tf.Variable]:
