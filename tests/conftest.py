@@ -82,3 +82,17 @@ def tiny_dataset(tmp_path: Path) -> Path:
         df.to_parquet(tmp_path / f"test/part_{i}.parquet")
     (tmp_path / "feature_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return tmp_path
+
+
+def null_inside_list(path: Path, col: str, row: int) -> list:
+    """Put a null id inside row ``row``'s list of multi-hot ``col`` of a parquet file (rewritten in place);
+    returns the new row (a NaN once converted by Merlin: the bad value the loader checks must catch)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    rows = table.column(col).to_pylist()
+    rows[row] = [*(rows[row] or [1]), None]
+    i = table.column_names.index(col)
+    pq.write_table(table.set_column(i, col, pa.array(rows, type=table.schema.field(col).type)), path)
+    return rows[row]

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, null_inside_list
 
 TINY = ["--global_batch_size", "32", "--eval_batch_size", "64", "--num_epochs", "1", "--deep_hidden_units", "8",
         "--deep_warmup_epochs", "0"]
@@ -49,15 +49,6 @@ def _null_id(path: Path, col: str, row: int) -> None:
     values[row] = None
     i = table.column_names.index(col)
     pq.write_table(table.set_column(i, col, pa.array(values, type=table.schema.field(col).type)), path)
-
-
-def _null_in_list(path: Path, col: str, row: int) -> None:
-    """Append a null id to row ``row``'s list of multi-hot ``col`` (a NaN once converted: it passed before)."""
-    table = pq.read_table(path)
-    rows = table.column(col).to_pylist()
-    rows[row] = [*(rows[row] or [1]), None]
-    i = table.column_names.index(col)
-    pq.write_table(table.set_column(i, col, pa.array(rows, type=table.schema.field(col).type)), path)
 
 
 def _int_label(df: pd.DataFrame) -> pd.DataFrame:
@@ -97,7 +88,8 @@ CASES: list[tuple[str, Callable[[Path], list[str] | None], str]] = [
      r"train/part_0.parquet: feature 'y': label must be 0 or 1 \(row 2: 2.0\)"),
     ("null id", lambda r: _null_id(r / "train/part_0.parquet", "b", 6),
      r"train/part_0.parquet: feature 'b': missing value \(row 6: None\)"),
-    ("null inside a multi-hot list", lambda r: _null_in_list(r / "train/part_1.parquet", "m", 8),
+    # null_inside_list returns the new row; a list returned here would be taken as extra flags: "and []"
+    ("null inside a multi-hot list", lambda r: null_inside_list(r / "train/part_1.parquet", "m", 8) and [],
      r"train/part_1.parquet: feature 'm': missing id inside a list \(row 8: \[.*None\]\)"),
     ("test rows not sorted by map id", lambda r: _parquet(r / "test/part_1.parquet", lambda d: d.iloc[::-1]),
      r"test/part_1.parquet: feature 'd': test rows not sorted by map id \(after \d+\) \(row \d+: \d+\)"),

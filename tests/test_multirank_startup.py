@@ -12,10 +12,9 @@ import re
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import null_inside_list
 from tests.dist import common
 
 LIMIT = 240
@@ -26,16 +25,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return common.make_dataset(tmp_path_factory.mktemp("dist_data"))
 
 
-def _null_inside_list(path: Path, col: str, row: int) -> list:
-    """Put a null id inside row ``row``'s list of multi-hot ``col``; returns the new row."""
-    table = pq.read_table(path)
-    rows = table.column(col).to_pylist()
-    rows[row] = [*(rows[row] or [1]), None]
-    i = table.column_names.index(col)
-    pq.write_table(table.set_column(i, col, pa.array(rows, type=table.schema.field(col).type)), path)
-    return rows[row]
-
-
 def _rank_lines(out: str, rank: int) -> list[str]:
     return [ln for ln in out.splitlines() if ln.startswith(f"[{rank}]<")]
 
@@ -43,7 +32,7 @@ def _rank_lines(out: str, rank: int) -> list[str]:
 def test_bad_value_seen_by_one_rank_stops_every_rank_cleanly(data: Path, tmp_path: Path) -> None:
     root = tmp_path / "d"
     shutil.copytree(data, root)
-    bad = _null_inside_list(root / "train/part_3.parquet", "n", 12)  # part_3: validated by rank 1 of 2
+    bad = null_inside_list(root / "train/part_3.parquet", "n", 12)  # part_3: validated by rank 1 of 2
     res = common.launch(2, common.main_args(root, tmp_path / "run"), LIMIT)
     out = res.stdout
     errors = [ln for ln in out.splitlines() if "wd-sok: error" in ln]
