@@ -115,25 +115,3 @@ def test_reference_parameter_count() -> None:
 def test_paths_are_relative_to_the_spec(tmp_path: Path) -> None:
     spec = FeatureSpec.from_dict(tiny_spec_dict(), base_directory=tmp_path)
     assert spec.files("train")[0] == tmp_path / "train/part_0.parquet"
-
-
-@pytest.mark.parametrize("units", [64, 7])
-def test_dropout_from_16_bit_words(units: int) -> None:
-    """The mask is the documented function of Philox's int32 words (each read as two little-endian uint16,
-    re-derived here with numpy), dropped fraction ~ 6554 / 65536 for rate 0.1, kept values scaled exactly."""
-    from wd_sok.model import dropout, dropout_threshold
-
-    seed = tf.constant([123, 7], tf.int64)
-    x = tf.ones([4000, units])
-    y = dropout(x, 0.1, seed).numpy()
-    words = tf.random.stateless_uniform([4000, (units + 1) // 2], seed=seed, minval=None, maxval=None,
-                                        dtype=tf.int32).numpy()
-    bits = words.astype("<i4").view("<u2").reshape(4000, -1)[:, :units]
-    t = dropout_threshold(0.1)
-    assert t == 6554
-    np.testing.assert_array_equal(y > 0, bits >= t)
-    np.testing.assert_allclose(y[y > 0], 65536 / (65536 - t), rtol=1e-7)
-    p, n = t / 65536, y.size
-    assert abs((y == 0).mean() - p) < 4 * np.sqrt(p * (1 - p) / n)
-    np.testing.assert_array_equal(dropout(x, 0.1, seed).numpy(), y)  # a pure function of the seed
-    assert not np.array_equal(dropout(x, 0.1, seed + 1).numpy(), y)

@@ -13,38 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 from wd_sok.data.batch import Batch
+from wd_sok.dropout import relu_dropout
 from wd_sok.embedding.base import EmbeddingCollection
-
-DROPOUT_BITS = 16  # random bits per activation: one Philox 32-bit word masks two activations
-
-
-def dropout_threshold(rate: float) -> int:
-    """The 16-bit threshold of ``rate``: an activation is dropped when its bits are below it, so the drop
-    probability is ``threshold / 65536`` (0.1 -> 6554 / 65536 = 0.100006)."""
-    return int(round(rate * (1 << DROPOUT_BITS)))
-
-
-def dropout(x: tf.Tensor, rate: float, seed: tf.Tensor) -> tf.Tensor:
-    """Stateless dropout of ``x`` [B, U] from 16 random bits per activation.
-
-    ``tf.random.stateless_uniform`` draws [B, ceil(U / 2)] int32 words (Philox, a pure function of ``seed``
-    [2] int64), each bitcast into two uint16; activation ``(b, u)`` is kept when its uint16 is >= the
-    :func:`dropout_threshold` ``t``, and kept values are scaled by ``65536 / (65536 - t)`` (the exact
-    inverse keep probability, so the expectation is unchanged). Half the random words of one float per
-    activation, no int-to-float conversion; the scaled mask is one select of two constants, applied (and
-    differentiated) by one multiply.
-    """
-    units = int(x.shape[-1])
-    threshold = dropout_threshold(rate)
-    words = tf.random.stateless_uniform(tf.stack([tf.shape(x)[0], (units + 1) // 2]), seed=seed, minval=None,
-                                        maxval=None, dtype=tf.int32)
-    bits = tf.reshape(tf.bitcast(words, tf.uint16), [tf.shape(x)[0], 2 * ((units + 1) // 2)])
-    if units % 2:
-        bits = bits[:, :units]
-    scale = (1 << DROPOUT_BITS) / ((1 << DROPOUT_BITS) - threshold)
-    mask = tf.where(bits >= tf.constant(threshold, tf.uint16), tf.constant(scale, x.dtype), tf.constant(0, x.dtype))
-    return x * mask  # the gradient is dy * mask: no second select
-
 
 def dropout_key(seed: int, rank: int, layer: int) -> int:
     """The first half of layer ``layer``'s stateless dropout seed on ``rank`` (the step is the second)."""
@@ -79,7 +49,8 @@ class WideDeepModel(tf.keras.Model):
                             if n_numerical else None)
         policy = (tf.keras.mixed_precision.Policy(f"mixed_{compute_dtype}") if compute_dtype != "float32"
                   else "float32")
-        self.hidden = [tf.keras.layers.Dense(u, activation="relu", name=f"deep/dense_{i}", dtype=policy,
+        # ReLU is applied in _mlp_impl: fused with dropout when training (wd_sok/dropout.py)
+        self.hidden = [tf.keras.layers.Dense(u, name=f"deep/dense_{i}", dtype=policy,
                                              kernel_initializer=tf.keras.initializers.GlorotUniform(seed + i))
                        for i, u in enumerate(hidden_units)]
         self.dropout, self.seed, self.rank = dropout, seed, rank
@@ -122,9 +93,10 @@ class WideDeepModel(tf.keras.Model):
     @tf.autograph.experimental.do_not_convert  # plain Python over layers (see EmbeddingCollection.lookup)
     def _mlp_impl(self, x: tf.Tensor, step: tf.Tensor, rate: float) -> tf.Tensor:
         for i, dense in enumerate(self.hidden):
-            x = dense(x)
-            if rate > 0.0:  # stateless dropout: mask = f(seed, rank, layer, step)
-                x = dropout(x, rate, tf.stack([tf.constant(self.dropout_keys[i], tf.int64), step]))
+            if rate > 0.0:  # ReLU + stateless dropout in one pass: mask = f(seed, rank, layer, step)
+                x = relu_dropout(dense(x), rate, tf.stack([tf.constant(self.dropout_keys[i], tf.int64), step]))
+            else:
+                x = tf.nn.relu(dense(x))
         return tf.cast(self.head(x)[:, 0], tf.float32)
 
     # ---- variable groups (the two optimizers, and what is sharded)
