@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from wd_sok.data.loader import DataLoader
@@ -153,3 +154,28 @@ def test_verdict_cache_falls_back_to_the_user_cache(tiny_dataset: Path, tmp_path
         assert cache_root(Path("/proc")) == tmp_path / "xdg/wd-sok/verdicts"
     monkeypatch.setenv("WD_SOK_CACHE_DIR", "off")
     assert cache_root(tiny_dataset) is None
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64"])
+def test_split_lists_matches_merlins_pull_apart_list(dtype: str) -> None:
+    """The pyarrow split of a shuffled list column (views into one buffer, empty rows included) gives
+    Merlin's own values and offsets exactly, dtypes included; rows Merlin's path must handle are left to it."""
+    from merlin.core.dispatch import pull_apart_list
+
+    from wd_sok.data.merlin_compat import split_lists
+
+    rng = np.random.default_rng(3)
+    lens = rng.integers(0, 4, size=500)
+    flat = rng.integers(0, 10**6, size=int(lens.sum())).astype(dtype)
+    table = pa.table({"m": pa.ListArray.from_arrays(pa.array(np.r_[0, np.cumsum(lens)].astype(np.int32)),
+                                                    pa.array(flat))})
+    series = table.to_pandas()["m"].sample(frac=1.0, random_state=1)  # as Merlin shuffles a chunk
+    values, offsets = split_lists(series)
+    want_values, want_offsets = pull_apart_list(series)
+    assert values.dtype == want_values.dtype == np.dtype(dtype)
+    assert offsets.dtype == want_offsets.dtype == np.int64
+    np.testing.assert_array_equal(values.to_numpy(), want_values.to_numpy())
+    np.testing.assert_array_equal(offsets.to_numpy(), want_offsets.to_numpy())
+    assert split_lists(pd.Series([[1, 2], [3]])) is None  # Python lists: Merlin's path
+    assert split_lists(pd.Series([np.array([1]), None])) is None  # a null row: Merlin's path (it raises)
+    assert split_lists(pd.Series([], dtype=object)) is None

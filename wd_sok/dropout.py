@@ -1,18 +1,20 @@
 """Stateless dropout from 16 random bits per activation, fused with the ReLU before it.
 
-The mask of an activation ``[B, U]`` comes from Philox: ``tf.random.stateless_uniform`` int32 words
-``[B, ceil(U / 2)]`` (a pure function of the seed [2] int64), each read as two little-endian uint16; an
-activation is kept when its uint16 is >= :func:`dropout_threshold` ``t`` and then scaled by
-``65536 / (65536 - t)`` (the exact inverse keep probability). Half the random words of one float per
-activation and no int-to-float conversion.
+The mask of an activation ``[B, U]`` comes from a counter-based generator (:func:`random_words`): uint32
+words ``[B, ceil(U / 2)]``, word ``(r, j)`` a keyed hash (two rounds of the lowbias32 bijection) of its
+position ``r * ceil(U / 2) + j``, keyed by the seed [2] int64 (the model's (seed, rank, layer) key and the
+step). Unit ``u`` reads the low or high 16 bits of word ``u // 2`` and is kept when they are >=
+:func:`dropout_threshold` ``t``; kept values are scaled by ``65536 / (65536 - t)`` (the exact inverse keep
+probability). Like Philox, a pure function of (seed, position), but 10 integer ops per word that XLA fuses
+into the loop using them: on the 2-core Xeon, Philox's words alone cost 10-15 ms per [8192, 1024] layer, this
+hash ~1 ms. Its statistical checks (uniform halves, uncorrelated neighbours and steps) are in
+tests/test_dropout.py; a dropout mask needs no cryptographic strength.
 
 :func:`relu_dropout` computes ``relu(h) * mask`` in one XLA-compiled pass (the bits are drawn inside the
 fused loop, never stored) and its gradient in another, ``dy * scale where y > 0 else 0``: ``y > 0`` exactly
 where the unit was kept and ``h > 0``, so no mask is kept for the backward pass and ReLU's gradient comes
 with it. Both are bit-identical to ``tf.nn.relu`` followed by :func:`dropout` (and to their gradients):
-``h * scale`` is the same single rounding in float32 and bfloat16, and XLA's Philox draws the same words as
-TensorFlow's kernel (``alg="philox"``, pinned in tests/test_dropout.py). On the 2-core CPU this is 1.7x
-faster than the unfused ops at [8192, 1024] bfloat16 (11.9 vs 20.6 ms, most of it the random bits).
+``h * scale`` is the same single rounding in float32 and bfloat16 (tests/test_dropout.py).
 """
 
 from __future__ import annotations

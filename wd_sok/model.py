@@ -16,6 +16,7 @@ from wd_sok.data.batch import Batch
 from wd_sok.dropout import relu_dropout
 from wd_sok.embedding.base import EmbeddingCollection
 
+
 def dropout_key(seed: int, rank: int, layer: int) -> int:
     """The first half of layer ``layer``'s stateless dropout seed on ``rank`` (the step is the second)."""
     return int(np.random.SeedSequence([seed, rank, layer]).generate_state(1, np.uint64)[0] >> np.uint64(1))
