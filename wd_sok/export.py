@@ -31,13 +31,9 @@ Layout of the export folder (written to a temporary sibling, then renamed into p
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +47,7 @@ from wd_sok.embedding.composite import CompositeEmbedding, ServingDynamic
 from wd_sok.embedding.replicated import ReplicatedEmbedding
 from wd_sok.model import WideDeepModel
 from wd_sok.optim import read_rows
+from wd_sok.tools.outdir import atomic_dir
 
 SIGNATURE = "serving_default"
 OUTPUT = "probability"
@@ -87,7 +84,7 @@ def export_saved_model(trainer: Any, export_dir: str | Path) -> None:
     if serving is None:
         return
     info = describe(trainer, model)
-    with _atomic_dir(export_dir) as tmp:
+    with atomic_dir(export_dir) as tmp:
         save(serving, trainer.spec, tmp, info["nan_policy"])
         assets = tmp / "assets"
         assets.mkdir(exist_ok=True)
@@ -353,23 +350,3 @@ def _check_destination(export_dir: Path) -> None:
         probe.rmdir()
     except OSError as e:
         raise ValueError(f"--export_dir {export_dir}: cannot write beside it ({e.strerror})") from None
-
-
-@contextlib.contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``final``, renamed to ``final`` (replacing it) only if the block succeeds."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            final.rename(old / "previous")
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

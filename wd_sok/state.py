@@ -23,8 +23,9 @@ Optimizer = tf.keras.optimizers.legacy.Optimizer
 
 
 @dataclass(frozen=True)
-class TableState:
-    """One table on this rank: ``key`` is ``<prefix>/<feature>`` (e.g. ``deep/ad_id``)."""
+class TableRef:
+    """What both kinds of table state name: ``key`` is ``<prefix>/<feature>`` (e.g. ``deep/ad_id``), the
+    table's config, the collection holding it on this rank and the optimizer owning its slots."""
 
     key: str
     table: TableConfig
@@ -34,6 +35,11 @@ class TableState:
     @property
     def var(self) -> tf.Variable:
         return self.collection.table_variable(self.table.name)
+
+
+@dataclass(frozen=True)
+class TableState(TableRef):
+    """One table on this rank, its rows named by global row id."""
 
     @property
     def rows(self) -> RowMap:
@@ -65,7 +71,7 @@ class TableState:
 
 
 @dataclass(frozen=True)
-class KeyedTableState:
+class KeyedTableState(TableRef):
     """One dynamic table on this rank: its rows are named by key (any int64), not by a global row.
 
     ``collection`` is the dynamic part holding it (:class:`~wd_sok.embedding.dynamic.DynamicEmbedding`, or
@@ -73,15 +79,6 @@ class KeyedTableState:
     ``count`` and ``last`` [n] int64, and the keys still below ``min_count`` (``pending_key``,
     ``pending_count``), see :mod:`wd_sok.checkpoint.keyed`.
     """
-
-    key: str
-    table: TableConfig
-    collection: EmbeddingCollection
-    optimizer: Optimizer | None
-
-    @property
-    def var(self) -> tf.Variable:
-        return self.collection.table_variable(self.table.name)
 
     def arrays(self) -> list[str]:
         """Per-row arrays, in file order (the slots of the optimizer holding them: SOK's wrapped one, if any)."""

@@ -109,7 +109,7 @@ class CostModel:
     constants (collectives ~10x cheaper, bandwidth ~100x higher), so a GPU cluster's dry run is only as good
     as these numbers."""
 
-    collective_s: float = 4e-3     # one Horovod collective on >1 rank (alltoall, allgather)
+    collective_s: float = 2.5e-3   # one Horovod collective on >1 rank (alltoall, allgather)
     network_bps: float = 0.5e9     # bytes per second one rank sends
     exchange_id_s: float = 100e-9  # per id through the exchange (per collection: wide and deep)
     local_id_s: float = 30e-9      # per id looked up locally (replicated)

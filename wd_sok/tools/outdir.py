@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -17,28 +18,37 @@ SPEC_FILE = "feature_spec.yaml"
 
 
 @contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out_dir``, renamed to ``out_dir`` only if the block succeeds.
-
-    ``out_dir`` may be missing or empty; a non-empty one is an error unless ``overwrite``.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
-        raise FileExistsError(f"{out_dir}: output exists and is not an empty folder (pass overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final``, renamed to ``final`` (replacing what was there) only if the
+    block succeeds; on failure nothing of it is left and ``final`` is untouched. The folder gets mode 0755,
+    as ``mkdir`` gives (``mkdtemp`` makes it 0700: others could not read a shared dataset or export)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / "x")
-            tmp.rename(out_dir)
+        os.chmod(tmp, 0o755)
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            final.rename(old / "previous")
+            tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            tmp.rename(out_dir)
+            tmp.rename(final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """:func:`atomic_dir` for a data tool's output: ``out_dir`` may be missing or empty; a non-empty one is
+    an error unless ``overwrite``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
+        raise FileExistsError(f"{out_dir}: output exists and is not an empty folder (pass overwrite)")
+    with atomic_dir(out_dir) as tmp:
+        yield tmp
 
 
 def output_spec_dict(spec: FeatureSpec, files: dict[str, list[str]], file_type: str) -> dict[str, Any]:
