@@ -1,4 +1,4 @@
-"""Stateless 16-bit dropout: the mask against a numpy re-derivation from Philox's words, and the fused
+"""Stateless 16-bit dropout: the mask against a numpy re-derivation of the counter-hash words, and the fused
 ReLU + dropout (XLA) bit-equal to the unfused ops, forward and gradient, in float32 and bfloat16."""
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-DROPOUT_BITS = 16  # random bits per activation: one Philox 32-bit word masks two activations
+DROPOUT_BITS = 16  # random bits per activation: one 32-bit hash word masks two activations
 
 
 def dropout_threshold(rate: float) -> int:
