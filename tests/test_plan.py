@@ -103,14 +103,15 @@ def test_auto_is_never_slower_than_all_row_or_all_replicated_and_stays_in_budget
 
 def test_auto_on_the_ladder_replicates_small_tables_and_shards_big_ones() -> None:
     """The embedding_scaling ladder (3 tables of R rows, width 8, global batch 8192, 2 ranks): the reference's
-    dense allreduce wins below ~1e5 rows, the exchange above (benchmarks/README.md); the plan follows."""
+    dense allreduce wins below 1e5 rows, the exchange from 1e5 up (benchmarks/README.md); the plan follows."""
     def ladder(rows: int) -> list[TableConfig]:
         return [TableConfig("c0", rows, 8), TableConfig("c1", rows, 8), TableConfig("m0", rows, 8, 3, True)]
 
     kinds = {r: {(t.placement, t.reduction) for t in make_plan(ladder(r), 2, 8192).tables}
-             for r in (1000, 10_000, 1_000_000, 10_000_000)}
+             for r in (1000, 10_000, 100_000, 1_000_000, 10_000_000)}
     assert kinds[1000] == kinds[10_000] == {("replicated", "dense")}
-    assert kinds[1_000_000] == kinds[10_000_000] == {("row_wise", "")}
+    # 1e5 rows: row-wise measured 53-56 ms vs 69 ms for dense-reduced replicated (the ladder on the Xeon)
+    assert kinds[100_000] == kinds[1_000_000] == kinds[10_000_000] == {("row_wise", "")}
     assert {t.placement for t in make_plan(ladder(10_000_000), 1, 8192).tables} == {"replicated"}
 
 
