@@ -4,19 +4,16 @@ Variants, same rows and numerics, training settings (shuffle on, drop_last), one
 
 * ``onehot_numerical``: ``tests/feature_specs/no_multihot.yaml`` (13 one-hot + 13 numerical, no lists);
 * ``ragged``: ``baseline.yaml`` (3 multi-hot lists of 1..3 ids): Merlin yields ``name__values`` /
-  ``name__offsets``, DataLoader builds a RaggedTensor (the project's path; since ``wd_sok.data.merlin_compat``
-  it includes the numpy flattening that the ``_npflatten`` variants below were written to try);
+  ``name__offsets``, DataLoader builds a RaggedTensor (the project's path: ``wd_sok.data.merlin_compat``
+  splits each list column into values and offsets with pyarrow; tests/test_loader.py checks it equal to
+  Merlin's own split, which an earlier ``_npflatten`` variant here patched with ``np.concatenate``);
 * ``fixed_merlin``: the same files with every list padded to exactly ``max_hotness`` ids (a row's ids
   repeated cyclically) and the Merlin schema declaring shape ``(None, k)`` (value_count min = max = k), so
   Merlin yields a dense ``[B, k]`` tensor; read by :class:`FixedHotnessLoader` (a local DataLoader subclass);
 * ``fixed_ragged``: the fixed-length files read as ragged (no schema change): isolates the data layout from
   Merlin's dense-list code path;
 * ``fixed_reshape``: fixed-length files read as ragged by Merlin and turned into ``[B, k]`` by a reshape of
-  the values (no per-row work): what a "fixed hotness" option in DataLoader could do instead of the schema;
-* ``ragged_npflatten`` / ``fixed_reshape_npflatten``: as ``ragged`` / ``fixed_reshape`` with Merlin's CPU
-  list flattening (``merlin.core.dispatch.flatten_list_column_values``: ``pd.Series(itertools.chain(*s))``,
-  one Python object per id) replaced for the epoch by ``np.concatenate`` of the row arrays (see
-  :func:`numpy_flatten`); the batches are checked equal to the unpatched ones.
+  the values (no per-row work): what a "fixed hotness" option in DataLoader could do instead of the schema.
 
 Usage::
 
@@ -50,8 +47,7 @@ import pyarrow.parquet as pq  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-VARIANTS = ("onehot_numerical", "ragged", "fixed_merlin", "fixed_ragged", "fixed_reshape", "ragged_npflatten",
-            "fixed_reshape_npflatten")
+VARIANTS = ("onehot_numerical", "ragged", "fixed_merlin", "fixed_ragged", "fixed_reshape")
 
 
 # ----------------------------------------------------------------------------- data
@@ -87,41 +83,6 @@ def pad_lists_to_max(src: Path, dst: Path, hotness: dict[str, int]) -> Path:
 
 
 # ----------------------------------------------------------------------------- loaders
-class numpy_flatten:  # noqa: N801 - a context manager named for what it does
-    """Within the block, Merlin flattens pandas list columns with one ``np.concatenate`` (CPU fix candidate).
-
-    Merlin 23.8's ``flatten_list_column_values`` builds ``pd.Series(itertools.chain(*s))``: a Python object
-    per id, then pandas' type inference over them. ``np.concatenate(s.to_numpy())`` gives the same values as
-    one typed array. ``pull_apart_list`` looks the function up in its module at call time, so patching the
-    module attribute is enough (the loader thread runs inside the block).
-    """
-
-    def __init__(self, active: bool = True) -> None:
-        self.active = active
-
-    def __enter__(self) -> None:
-        if not self.active:
-            return
-        import pandas as pd
-        from merlin.core import dispatch
-
-        original = dispatch.flatten_list_column_values
-        self._original = original
-
-        def flatten(s: Any) -> Any:
-            if isinstance(s, pd.Series) and len(s):
-                return pd.Series(np.concatenate(s.to_numpy()))
-            return original(s)
-
-        dispatch.flatten_list_column_values = flatten
-
-    def __exit__(self, *exc: object) -> None:
-        if self.active:
-            from merlin.core import dispatch
-
-            dispatch.flatten_list_column_values = self._original
-
-
 def fixed_hotness_loader_class() -> type:
     """DataLoader subclass for lists of exactly max_hotness ids, in one of two modes.
 
@@ -171,8 +132,7 @@ def make_loader(variant: str, data: dict[str, Path], batch: int) -> Any:
     from wd_sok.data.loader import DataLoader
     from wd_sok.feature_spec import TRAIN, FeatureSpec
 
-    folder = {"onehot_numerical": data["no_multihot"], "ragged": data["baseline"],
-              "ragged_npflatten": data["baseline"]}.get(variant, data["fixed"])
+    folder = {"onehot_numerical": data["no_multihot"], "ragged": data["baseline"]}.get(variant, data["fixed"])
     spec = FeatureSpec.from_yaml(folder / "feature_spec.yaml")
     kw = {"shuffle": True, "seed": 0, "drop_last": True, "check_values": False}
     if variant == "fixed_merlin":
@@ -182,48 +142,24 @@ def make_loader(variant: str, data: dict[str, Path], batch: int) -> Any:
     return DataLoader(spec, TRAIN, batch, **kw)
 
 
-def one_epoch(loader: Any, epoch: int, patched: bool = False) -> tuple[int, float, dict[str, Any]]:
+def one_epoch(loader: Any, epoch: int) -> tuple[int, float, dict[str, Any]]:
     """Rows and seconds of one full epoch (Merlin's thread start included, as in training)."""
     loader.set_epoch(epoch)
     rows, t0, shapes = 0, time.perf_counter(), {}
-    with numpy_flatten(patched):
-        for batch in loader:
-            rows += batch.size
-            if not shapes:
-                shapes = {k: (type(v).__name__, list(v.shape)) for k, v in batch.categorical.items()
-                          if k.endswith("_list")}
+    for batch in loader:
+        rows += batch.size
+        if not shapes:
+            shapes = {k: (type(v).__name__, list(v.shape)) for k, v in batch.categorical.items()
+                      if k.endswith("_list")}
     return rows, time.perf_counter() - t0, shapes
 
 
-def first_batch(loader: Any, patched: bool) -> Any:
-    """The first batch of epoch 0 (for the equality check of the patched flattening)."""
-    loader.set_epoch(0)
-    with numpy_flatten(patched):
-        batch = next(iter(loader))
-        loader._loader.stop()  # noqa: SLF001 - end Merlin's thread before the patch is undone
-    return batch
-
-
-def same_batch(a: Any, b: Any) -> bool:
-    """Equal ids (any ragged/dense layout, any int dtype), numerics and labels."""
-    import tensorflow as tf
-
-    def ids(x: Any) -> np.ndarray:
-        x = x.to_tensor() if isinstance(x, tf.RaggedTensor) else x
-        return np.asarray(x).astype(np.int64)
-
-    return (set(a.categorical) == set(b.categorical)
-            and all(np.array_equal(ids(a.categorical[k]), ids(b.categorical[k])) for k in a.categorical)
-            and np.array_equal(a.numerical.numpy(), b.numerical.numpy())
-            and np.array_equal(a.label.numpy(), b.label.numpy()))
-
-
-def profile_epoch(loader: Any, patched: bool, top: int = 12) -> str:
+def profile_epoch(loader: Any, top: int = 12) -> str:
     """cProfile one epoch; the ``top`` functions by own time, as text (Merlin's thread is not profiled:
     its work shows in the main thread only where the main thread waits, so read this with the rows/s)."""
     prof = cProfile.Profile()
     prof.enable()
-    one_epoch(loader, 99, patched)
+    one_epoch(loader, 99)
     prof.disable()
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
@@ -260,28 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[tuple[str, int], list[float]] = {}
     shapes: dict[str, Any] = {}
     loaders = {(v, b): make_loader(v, data, b) for v in args.variants for b in args.batch_sizes}
-    patched = {v: v.endswith("_npflatten") for v in args.variants}
-    equal = {}
-    for v in args.variants:
-        if patched[v]:
-            plain = v.removesuffix("_npflatten")
-            b = args.batch_sizes[0]
-            equal[v] = same_batch(first_batch(make_loader(plain, data, b), False),
-                                  first_batch(make_loader(v, data, b), True))
-            common.log(f"{v}: first batch equal to {plain}'s: {equal[v]}")
     for (v, b), loader in loaders.items():  # warm-up epoch: imports, Merlin/dask first-use costs
-        rows, secs, shapes[v] = one_epoch(loader, 0, patched[v])
+        rows, secs, shapes[v] = one_epoch(loader, 0)
         common.log(f"warm-up {v} batch {b}: {rows / secs:,.0f} rows/s")
     for rep in range(args.reps):
         for (v, b), loader in loaders.items():
-            rows, secs, _ = one_epoch(loader, rep + 1, patched[v])
+            rows, secs, _ = one_epoch(loader, rep + 1)
             samples.setdefault((v, b), []).append(rows / secs)
             common.log(f"rep {rep} {v} batch {b}: {rows / secs:,.0f} rows/s ({rows} rows, {secs:.2f} s)")
 
     profiles = {}
     if args.profile:
         for v in args.variants:
-            profiles[v] = profile_epoch(loaders[(v, args.batch_sizes[0])], patched[v])
+            profiles[v] = profile_epoch(loaders[(v, args.batch_sizes[0])])
 
     rows_out = []
     for b in args.batch_sizes:
@@ -297,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     path = common.write_json(args.out, {
         "params": vars(args), "datasets": {k: str(v) for k, v in data.items()},
         "unit": "rows per second through DataLoader (one full shuffled epoch, Merlin thread start included)",
-        "npflatten_batches_equal": equal, "results": rows_out,
+        "results": rows_out,
         "samples": {f"{v}@{b}": s for (v, b), s in samples.items()},
         "profiles": profiles})
     plot(rows_out, args.batch_sizes, common.RESULTS / f"{args.out}.png")
