@@ -82,10 +82,10 @@ def test_bits_are_uniform_and_uncorrelated() -> None:
 def test_xla_draws_the_same_words_as_tensorflow(units: int) -> None:
     """The fused forward draws its bits inside an XLA kernel: XLA's uint32 arithmetic must give TF's words."""
     seed = tf.constant([2**40 + 5, 3], tf.int64)
-    shape = tf.constant([33, units])
-    threshold = tf.constant(dropout_threshold(0.3), tf.uint16)
-    eager = _keep(shape, units, threshold, seed).numpy()
-    compiled = tf.function(lambda s: _keep(shape, units, threshold, s), jit_compile=True)(seed).numpy()
+    rows = tf.constant(33)
+    threshold = tf.constant(dropout_threshold(0.3), tf.uint32)
+    eager = _keep(rows, units, threshold, seed).numpy()
+    compiled = tf.function(lambda s: _keep(rows, units, threshold, s), jit_compile=True)(seed).numpy()
     np.testing.assert_array_equal(compiled, eager)
     assert 0.2 < 1 - eager.mean() < 0.4
 

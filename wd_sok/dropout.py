@@ -70,28 +70,29 @@ def random_words(rows: tf.Tensor, words: int, seed: tf.Tensor) -> tf.Tensor:
     return mix32(tf.bitwise.bitwise_xor(mix32(tf.bitwise.bitwise_xor(counter, k0)), k1))
 
 
-def _keep(shape: tf.Tensor, units: int, threshold: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """bool [B, units]: the kept activations of the mask drawn from ``seed`` ([2] int64): unit ``u`` reads
+def _keep(rows: tf.Tensor, units: int, threshold: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """bool [rows, units]: the kept activations of the mask drawn from ``seed`` ([2] int64), ``threshold``
+    a uint32 scalar (:func:`dropout_threshold`): unit ``u`` reads
     the low (even ``u``) or high (odd ``u``) 16 bits of word ``u // 2`` (shifts, not a bitcast: XLA fuses
     shifts into the loop; a bitcast to uint16 made it 3x slower)."""
-    words = random_words(shape[0], (units + 1) // 2, seed)
+    words = random_words(rows, (units + 1) // 2, seed)
     halves = tf.bitwise.right_shift(words[:, :, None], tf.constant([0, 16], tf.uint32))
     halves = tf.bitwise.bitwise_and(halves, tf.constant(0xFFFF, tf.uint32))
-    keep = tf.reshape(halves >= tf.cast(threshold, tf.uint32), [shape[0], 2 * ((units + 1) // 2)])
+    keep = tf.reshape(halves >= threshold, [rows, 2 * ((units + 1) // 2)])
     return keep[:, :units] if units % 2 else keep
 
 
 def dropout(x: tf.Tensor, rate: float, seed: tf.Tensor) -> tf.Tensor:
     """Stateless dropout of ``x`` [B, U] (unfused ops; the reference :func:`relu_dropout` is tested against)."""
     units = int(x.shape[-1])
-    keep = _keep(tf.shape(x), units, tf.constant(dropout_threshold(rate), tf.uint16), seed)
+    keep = _keep(tf.shape(x)[0], units, tf.constant(dropout_threshold(rate), tf.uint32), seed)
     mask = tf.where(keep, tf.constant(keep_scale(rate), x.dtype), tf.constant(0, x.dtype))
     return x * mask  # the gradient is dy * mask: no second select
 
 
 @tf.function(jit_compile=True)
 def _relu_dropout_forward(h: tf.Tensor, threshold: tf.Tensor, scale: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    keep = _keep(tf.shape(h), int(h.shape[-1]), threshold, seed) & (h > 0)
+    keep = _keep(tf.shape(h)[0], int(h.shape[-1]), threshold, seed) & (h > 0)
     return tf.where(keep, h * scale, tf.zeros_like(h))
 
 
@@ -105,7 +106,7 @@ def relu_dropout(h: tf.Tensor, rate: float, seed: tf.Tensor) -> tf.Tensor:
     one pass forward (bits drawn inside it), one backward (``dh = dy * scale`` where ``y > 0``, else 0)."""
     if h.shape.rank != 2 or h.shape[-1] is None:
         raise ValueError(f"relu_dropout expects [batch, units] with known units, got shape {h.shape}")
-    threshold = tf.constant(dropout_threshold(rate), tf.uint16)
+    threshold = tf.constant(dropout_threshold(rate), tf.uint32)
     scale = tf.constant(keep_scale(rate), h.dtype)
 
     @tf.custom_gradient
