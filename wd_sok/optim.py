@@ -89,7 +89,7 @@ class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
         with tf.control_dependencies([update]):
             return last.assign(tf.fill(tf.shape(last), now + 1), read_value=False)
 
-    def caught_up_rms(self, var: tf.Variable, rows: slice | None = None) -> tf.Tensor:
+    def caught_up_rms(self, var: tf.Variable, rows: slice | np.ndarray | None = None) -> tf.Tensor:
         """[rows, ...] the ``rms`` the legacy optimizer would hold now for ``var`` (its rows ``rows``, all by
         default)."""
         rms, last = self.get_slot(var, "rms"), self.get_slot(var, "last")
@@ -124,20 +124,22 @@ def write_slot(optimizer: Optimizer, var: tf.Variable, slot: str, value: np.ndar
         last.assign(tf.fill(tf.shape(last), tf.cast(optimizer.iterations, last.dtype)))
 
 
-def read_rows(var: tf.Variable, rows: slice) -> tf.Tensor:
-    """Rows ``rows`` (a slice with explicit start, stop, step) of ``var`` as a new tensor, reading only those.
+def read_rows(var: tf.Variable, rows: slice | np.ndarray) -> tf.Tensor:
+    """Rows ``rows`` (a slice with explicit start, stop, step, or an [n] int64 array of rows) of ``var`` as a
+    new tensor, reading only those.
 
     A plain ``var[a:b:s]`` reads the whole variable first, and a table that was ever gathered from or
     scattered into is in TensorFlow's copy-on-read mode, so that read is a full copy of the table (hundreds
     of MB of peak memory per block). ``ResourceGather`` on the handle copies just the rows.
     """
-    index = tf.range(rows.start, rows.stop, rows.step, dtype=tf.int64)
+    index = (tf.range(rows.start, rows.stop, rows.step, dtype=tf.int64) if isinstance(rows, slice)
+             else tf.constant(np.asarray(rows, np.int64)))
     return tf.raw_ops.ResourceGather(resource=var.handle, indices=index, dtype=var.dtype)
 
 
-def read_slot_rows(optimizer: Optimizer, var: tf.Variable, slot: str, rows: slice) -> np.ndarray:
-    """Rows ``rows`` (a possibly strided slice) of slot ``slot`` of ``var``, as the legacy optimizer would
-    hold them: [n, ...] numpy, a copy of those rows only."""
+def read_slot_rows(optimizer: Optimizer, var: tf.Variable, slot: str, rows: slice | np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (a possibly strided slice, or an [n] int64 array of rows) of slot ``slot`` of ``var``, as
+    the legacy optimizer would hold them: [n, ...] numpy, a copy of those rows only."""
     if isinstance(optimizer, LazyRMSprop) and slot == "rms" and _has_slot(optimizer, var, "last"):
         return optimizer.caught_up_rms(var, rows).numpy()
     return read_rows(optimizer.get_slot(var, slot), rows).numpy()

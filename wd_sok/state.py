@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from wd_sok import changes
 from wd_sok.embedding.base import EmbeddingCollection, RowMap, ensure_slots
 from wd_sok.feature_spec import TableConfig
 from wd_sok.model import WideDeepModel
@@ -61,6 +62,28 @@ class TableState(TableRef):
             return read_rows(self.var, sl).numpy()
         return read_slot_rows(self.optimizer, self.var, array, sl)
 
+    def read_at(self, array: str, saved: np.ndarray) -> np.ndarray:
+        """Saved rows ``saved`` [m] int64 (indices into :attr:`rows`) of ``array``: [m, dim] float32."""
+        var_rows = self.rows.vstart + np.asarray(saved, np.int64) * self.rows.vstride
+        if array == "value":
+            return read_rows(self.var, var_rows).numpy()
+        return read_slot_rows(self.optimizer, self.var, array, var_rows)
+
+    def changed_rows(self) -> np.ndarray:
+        """[m] int64 variable rows changed since the last full checkpoint (:mod:`wd_sok.changes`), ascending."""
+        return changes.changed(self.var)
+
+    def changed_saved(self) -> np.ndarray:
+        """[m] int64 indices into :attr:`rows` (global row ``start + i * stride``) of the changed rows this rank
+        saves, ascending (a replicated table's rank saves only its ``rank::N`` slice of them)."""
+        rows, off = self.rows, self.changed_rows() - self.rows.vstart
+        keep = (off >= 0) & (off % rows.vstride == 0) & (off // rows.vstride < rows.count)
+        return off[keep] // rows.vstride
+
+    def reset_changes(self) -> None:
+        """Forget the changed rows (after a full checkpoint)."""
+        changes.reset([self.var])
+
     def write(self, array: str, var_rows: np.ndarray, values: np.ndarray) -> None:
         """Set variable rows ``var_rows`` [m] of ``array`` to ``values`` [m, dim]."""
         index = tf.constant(var_rows, tf.int64)
@@ -91,6 +114,29 @@ class KeyedTableState(TableRef):
 
     def read(self, array: str, lo: int, hi: int) -> np.ndarray:
         return self.collection.read_keyed(self.table.name, array, lo, hi)
+
+    def read_at(self, array: str, saved: np.ndarray) -> np.ndarray:
+        """Saved rows ``saved`` [m] int64 (positions 0..count-1) of ``array``: [m] int64 or [m, dim] float32."""
+        saved = np.asarray(saved, np.int64)
+        reader = getattr(self.collection, "read_keyed_rows", None)
+        if reader is not None:
+            return reader(self.table.name, array, saved)
+        parts, step = [], 1 << 16  # a backend without row reads: contiguous spans, one block at a time
+        for lo in range(0, int(saved[-1]) + 1 if saved.size else 0, step):
+            sel = saved[(saved >= lo) & (saved < lo + step)]
+            if sel.size:
+                parts.append(self.read(array, lo, int(sel[-1]) + 1)[sel - lo])
+        return np.concatenate(parts) if parts else self.read(array, 0, 0)
+
+    def changed_rows(self) -> np.ndarray:
+        """[m] int64 saved positions (variable row - 1; row 0 is the shared zero row) whose key, value, slots or
+        counters changed since the last full checkpoint, ascending: rows counted, updated or handed to a new
+        key (the evicted key is gone from that position: a delta's positions carry the evictions)."""
+        var_rows = changes.changed(self.var)
+        return var_rows[var_rows > 0] - 1
+
+    def reset_changes(self) -> None:
+        changes.reset([self.var])
 
     def pending(self) -> tuple[np.ndarray, np.ndarray]:
         return self.collection.pending_items(self.table.name)

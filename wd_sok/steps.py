@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
+from wd_sok import changes
 from wd_sok.data.batch import Batch
 from wd_sok.distributed import Runtime
 from wd_sok.model import WideDeepModel
@@ -92,6 +93,9 @@ def _apply(wide_opt: Optimizer, deep_opt: Optimizer, grads: list, wide_vars: lis
     n = len(wide_vars)
     wide = model.wide_embedding.apply_own([(g, v) for g, v in zip(grads[:n], wide_vars, strict=True) if g is not None])
     deep = model.deep_embedding.apply_own([(g, v) for g, v in zip(grads[n:], deep_vars, strict=True) if g is not None])
+    tables = model.wide_embedding.trainable_variables + model.deep_embedding.trainable_variables
+    changes.mark_applied(wide_opt, wide, tables)  # rows changed since the last full checkpoint (delta saves)
+    changes.mark_applied(deep_opt, deep, tables)
     wide_opt.apply_gradients(wide)
     deep_opt.apply_gradients(deep)
 

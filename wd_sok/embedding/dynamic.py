@@ -43,6 +43,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from wd_sok import changes
 from wd_sok.distributed import Runtime
 from wd_sok.embedding.base import EmbeddingCollection, Placement, ensure_slots, pool, strided_rows
 from wd_sok.embedding.keys import initial_key_rows, initial_key_rows_np, owner, owner_np
@@ -218,8 +219,9 @@ class DynamicEmbedding(EmbeddingCollection):
         inserts = tf.reduce_sum(tf.cast(prev == 0, tf.int64))
         self.stats[name].assign_add(tf.stack([inserts, tf.cast(n_admit, tf.int64),
                                               tf.size(victims, out_type=tf.int64)]))
-        rows = tf.tensor_scatter_nd_update(found, adm_pos[:, None], new_rows)
-        return tf.maximum(rows, 0)
+        rows = tf.maximum(tf.tensor_scatter_nd_update(found, adm_pos[:, None], new_rows), 0)
+        changes.mark_rows(var, rows)  # counted, touched or handed over: changed since the last full checkpoint
+        return rows
 
     def _victims(self, name: str, want: tf.Tensor, clock: tf.Tensor, used: tf.Tensor) -> tf.Tensor:
         """Up to ``want`` occupied rows to evict: smallest score (LRU: ``row_last``, LFU: ``row_count``),
@@ -288,6 +290,17 @@ class DynamicEmbedding(EmbeddingCollection):
         if array == "value":
             return tf.gather(self.shards[name], index).numpy()
         return read_slot_rows(self.optimizer, self.shards[name], array, rows)
+
+    def read_keyed_rows(self, name: str, array: str, saved: np.ndarray) -> np.ndarray:
+        """Saved rows ``saved`` [m] int64 (positions; variable rows ``saved + 1``) of ``array``, like
+        :meth:`read_keyed`: [m] int64 or [m, dim] float32."""
+        index = np.asarray(saved, np.int64) + 1
+        if array in KEYED_ARRAYS:
+            store = {"key": self.row_key, "count": self.row_count, "last": self.row_last}[array]
+            return tf.gather(store[name], index).numpy()
+        if array == "value":
+            return tf.gather(self.shards[name], index).numpy()
+        return read_slot_rows(self.optimizer, self.shards[name], array, index)
 
     def pending_items(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """([p] int64 keys, [p] int64 counts) of keys still below ``min_count`` (empty if min_count is 1)."""
