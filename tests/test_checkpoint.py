@@ -80,8 +80,12 @@ def train(model, wide_opt, deep_opt, rt, steps: int = 3) -> None:
         step(batch(16, seed=i), tf.constant(i, tf.int64))
 
 
+RUN = "0123456789abcdef"
+
+
 def save(model_dir: Path, model, wide_opt, deep_opt, rt, step: int, keep: int = 2) -> dict:
-    meta = {"epoch": 1, "step_in_epoch": 2, "global_step": step, "seed": 0, "config": {}, "backend": "test"}
+    meta = {"epoch": 1, "step_in_epoch": 2, "global_step": step, "seed": 0, "config": {}, "backend": "test",
+            "run": RUN}
     return checkpoint.save(model_dir, step, table_states(model, wide_opt, deep_opt),
                            dense_state(model, wide_opt, deep_opt), meta, rt, keep=keep)
 

@@ -33,16 +33,26 @@ class Config:
     embedding_sizes_file: str = _f("", "JSON of embedding widths per categorical feature, for specs without "
                                    "embedding_dim (default: embedding_sizes.json beside the spec, if any)",
                                    "location of datasets")
-    use_checkpoint: bool = _f(False, "Resume from (or, with --evaluate, evaluate) the latest checkpoint in "
-                              "model_dir; a missing checkpoint is an error", "location of datasets")
-    model_dir: str = _f("runs/checkpoints", "Where checkpoints are written (the last two are kept)",
-                        "location of datasets")
-    keep_checkpoints: int = _f(2, "Complete checkpoints kept in model_dir (older ones are removed once a newer "
-                               "one is committed)", "location of datasets")
+    use_checkpoint: str = _f("", "Resume from (or, with --evaluate, evaluate) the latest checkpoint in "
+                             "model_dir; a missing checkpoint is an error. '--use_checkpoint auto': resume if "
+                             "a usable checkpoint exists, else start fresh (for a job an orchestrator restarts "
+                             "with the same command)", "location of datasets", nargs="?", const="yes",
+                             choices=["", "yes", "auto"])
+    overwrite: bool = _f(False, "Start a fresh run in a model_dir that holds another run's checkpoints: they are "
+                         "removed once this run's first checkpoint is committed (without it such a run is "
+                         "refused)", "location of datasets")
+    model_dir: str = _f("runs/checkpoints", "Where checkpoints are written; one run's (see --use_checkpoint, "
+                        "--overwrite)", "location of datasets")
+    keep_checkpoints: int = _f(2, "Checkpoints of this run kept in model_dir (older ones of this run are removed "
+                               "once a newer one is committed; other runs' never)", "location of datasets")
     results_dir: str = _f("runs/results", "Where logs and results are written", "location of datasets")
     export_dir: str = _f("", "After training (or with --evaluate), write a TensorFlow SavedModel here whose "
                          "serving signature takes the spec's raw features and returns click probabilities",
                          "location of datasets")
+    storage_options: str = _f("", "JSON object of keyword arguments for the fsspec filesystem of s3:// / gs:// / "
+                              "... URLs in dataset_path, model_dir, export_dir (e.g. {\"endpoint_url\": ...}); "
+                              "empty: the protocol's own environment (AWS_*, AWS_ENDPOINT_URL, ...). Never "
+                              "printed nor saved", "location of datasets")
     log_filename: str = _f("log.json", "DLLogger-format log file name inside results_dir",
                            "location of datasets")
     # training parameters
@@ -102,13 +112,23 @@ class Config:
     benchmark_steps: int = _f(1000, "Timed benchmark steps", "run mode parameters")
     log_every: int = _f(50, "Log loss and throughput every N training steps", "run mode parameters")
     max_steps: int = _f(0, "Stop training after this many steps in total (0: no limit)", "run mode parameters")
+    debug: bool = _f(False, "Show TensorFlow's C++ INFO / WARNING / ERROR log lines (hidden by default unless "
+                     "TF_CPP_MIN_LOG_LEVEL is set; wd_sok/tflog.py)", "run mode parameters")
 
     @property
     def map_calculation_enabled(self) -> bool:
         return not self.disable_map_calculation
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return json.dumps(self.public(), sort_keys=True)
+
+    def public(self) -> dict[str, Any]:
+        """The fields as a dict, secrets (``storage_options``) replaced by a mark: what logs and manifests
+        may hold."""
+        out = dataclasses.asdict(self)
+        if out.get("storage_options"):
+            out["storage_options"] = "<set, not shown>"
+        return out
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
@@ -173,6 +193,16 @@ def check_config(cfg: Config) -> list[str]:
     if cfg.world_size < 0 or cfg.device_memory < 0:
         problems.append(f"--world_size and --device_memory must be >= 0, got {cfg.world_size}, "
                         f"{cfg.device_memory}")
+    if cfg.storage_options:
+        try:
+            if not isinstance(json.loads(cfg.storage_options), dict):
+                raise ValueError
+        except ValueError:
+            problems.append("--storage_options must be a JSON object (its value is not shown)")
+    if cfg.overwrite and cfg.use_checkpoint:
+        problems.append(f"--overwrite starts over; --use_checkpoint {cfg.use_checkpoint} resumes: choose one")
+    if cfg.overwrite and (cfg.evaluate or cfg.benchmark):
+        problems.append("--overwrite is for training runs (--evaluate and --benchmark write no checkpoint)")
     if cfg.max_steps < 0:
         problems.append(f"--max_steps must be >= 0, got {cfg.max_steps}")
     return problems

@@ -6,8 +6,10 @@ import os
 import sys
 from pathlib import Path
 
+from wd_sok import storage
 from wd_sok.config import Config
 from wd_sok.feature_spec import SpecError
+from wd_sok.watchdog import EXIT_STALL
 
 
 def run(cfg: Config) -> int:
@@ -15,13 +17,17 @@ def run(cfg: Config) -> int:
     import tensorflow as tf
 
     from wd_sok.checkpoint import CheckpointError
+    from wd_sok.checkpoint.lineage import fresh_run_refusal
     from wd_sok.distributed import Runtime
     from wd_sok.reporting import Reporter
     from wd_sok.startup import StartupError
     from wd_sok.train import Interrupted, Trainer
 
     runtime = Runtime()
+    if runtime.watchdog is not None:  # --debug: a stall also dumps every thread's stack
+        runtime.watchdog.debug = cfg.debug
     _setup_devices(tf, cfg, runtime.local_rank)
+    storage.configure(cfg.storage_options or None)
     reporter = None
     try:
         # start-up: local checks on every rank (no collectives), then one agreement inside Trainer
@@ -31,31 +37,41 @@ def run(cfg: Config) -> int:
                 for flag in ("model_dir", "results_dir"):
                     _check_writable(flag, getattr(cfg, flag))
                 if cfg.export_dir:
-                    _check_writable("export_dir", str(Path(cfg.export_dir).parent))
+                    _check_writable("export_dir", str(storage.parent(cfg.export_dir)))
+                if not (cfg.use_checkpoint or cfg.overwrite or cfg.evaluate or cfg.benchmark):
+                    refusal = fresh_run_refusal(cfg.model_dir)  # a model_dir belongs to one run
+                    if refusal:
+                        raise ValueError(refusal)
         except ValueError as e:
             error = str(e)
         trainer = Trainer(cfg, runtime, error=error)
         if cfg.use_checkpoint:  # collective; its verdict (usable, fall back, error) is agreed by every rank
-            trainer.restore()
+            with runtime.phase("restore", long=True):
+                trainer.restore(optional=cfg.use_checkpoint == "auto")
         # the log starts once the run is known to be able to start: a rejected run leaves no output behind
-        reporter = Reporter(cfg.results_dir, cfg.log_filename, enabled=runtime.is_chief, append=cfg.use_checkpoint)
+        reporter = Reporter(cfg.results_dir, cfg.log_filename, enabled=runtime.is_chief,
+                            append=bool(trainer.restored))
         trainer.attach(reporter)
         if cfg.benchmark:
-            rate = trainer.benchmark_eval() if cfg.evaluate else trainer.benchmark_train()
+            with runtime.phase("benchmark"):
+                rate = trainer.benchmark_eval() if cfg.evaluate else trainer.benchmark_train()
             reporter.info(f"{'validation' if cfg.evaluate else 'train'}_throughput {rate:,.0f} samples/s")
         elif cfg.evaluate:
-            metrics = trainer.evaluate()
+            with runtime.phase("evaluate"):
+                metrics = trainer.evaluate()
             reporter.final(metrics)
             reporter.info(f"evaluated: {_summary(metrics)}")
         else:
-            metrics = trainer.fit()
+            with runtime.phase("train"):
+                metrics = trainer.fit()
             reporter.final(metrics)
             reporter.plot_learning_curve()
             reporter.info(f"done: {_summary(metrics)}; logs in {cfg.results_dir}, checkpoints in {cfg.model_dir}")
         if cfg.export_dir and not cfg.benchmark:
             from wd_sok.export import export_saved_model
 
-            export_saved_model(trainer, cfg.export_dir)
+            with runtime.phase("export", long=True):  # rank 0 writes while the others wait
+                export_saved_model(trainer, cfg.export_dir)
             reporter.info(f"exported SavedModel to {cfg.export_dir}")
     except (StartupError, CheckpointError) as e:  # agreed by every rank: exit 2, the message printed once
         if runtime.is_chief:
@@ -72,6 +88,12 @@ def run(cfg: Config) -> int:
     except Interrupted as e:
         print(f"wd-sok: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
+    except Exception as e:  # a collective broke (a peer died or stopped): one line, no traceback unless --debug
+        if runtime.size == 1 or cfg.debug or not _collective_failure(e):
+            raise
+        print(_collective_line(runtime, e), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_STALL)
     finally:
         if reporter is not None:
             reporter.close()
@@ -79,7 +101,19 @@ def run(cfg: Config) -> int:
 
 
 def _check_writable(flag: str, path: str) -> None:
-    """Create ``path`` if needed and prove a file can be written there; else a ValueError naming the flag."""
+    """Create ``path`` if needed and prove a file can be written there; else a ValueError naming the flag.
+    A URL (model_dir, export_dir) gets a tiny object written and deleted; results_dir must be local."""
+    if storage.is_url(path):
+        if flag == "model_dir":  # until the checkpoint package writes through wd_sok.storage (issue 24, phase 2)
+            raise ValueError(f"--model_dir {path}: checkpoints on object storage are not supported yet; "
+                             "give a local or shared folder")
+        if flag == "results_dir":
+            raise ValueError(f"--results_dir {path}: logs are written locally by rank 0; give a local folder")
+        try:
+            storage.Store(path).probe_writable()
+        except OSError as e:
+            raise ValueError(f"--{flag} {e}") from None
+        return
     target = Path(path)
     try:
         target.mkdir(parents=True, exist_ok=True)
@@ -88,6 +122,27 @@ def _check_writable(flag: str, path: str) -> None:
         probe.unlink()
     except OSError as e:
         raise ValueError(f"--{flag} {path} is not writable ({e.strerror})") from None
+
+
+def _collective_failure(e: BaseException) -> bool:
+    """Whether ``e`` is Horovod / Gloo reporting a broken collective (a peer gone, stopped or timed out)."""
+    if type(e).__name__ == "HorovodInternalError":
+        return True
+    import tensorflow as tf
+
+    text = str(e)
+    return isinstance(e, tf.errors.OpError) and any(
+        k in text for k in ("Horovod", "Gloo", "gloo", "Timed out waiting", "Connection closed by peer"))
+
+
+def _collective_line(runtime, e: BaseException) -> str:  # noqa: ANN001 - a wd_sok.distributed.Runtime
+    """The one line a rank prints when a collective failed under it."""
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    silent = runtime.silent_ranks()
+    blame = (f"; not answering: rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}"
+             if silent else "")
+    return (f"wd-sok: error (rank {runtime.rank}, phase {runtime.phase_name}): a collective failed "
+            f"({first[:200]}){blame}; exit {EXIT_STALL} (--debug shows the traceback)")
 
 
 def _summary(metrics: dict) -> str:

@@ -10,12 +10,12 @@ import functools
 import signal
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from wd_sok import checkpoint, startup
+from wd_sok import checkpoint, startup, storage
+from wd_sok.checkpoint import lineage
 from wd_sok.config import Config
 from wd_sok.data.batch import Batch, head, pad_batch, real_rows
 from wd_sok.data.loader import DataLoader
@@ -38,6 +38,14 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
+
+
+def batch_size_problems(cfg: Config, ranks: int) -> str:
+    """The batch sizes this run uses that do not divide evenly over ``ranks`` ('' if none): evaluation uses
+    only --eval_batch_size, so ``--evaluate`` under N ranks never refuses a training batch it does not use."""
+    used = ["eval_batch_size"] if cfg.evaluate else ["global_batch_size", "eval_batch_size"]
+    bad = [f"--{name} {getattr(cfg, name)}" for name in used if getattr(cfg, name) % ranks]
+    return f"{' and '.join(bad)} must divide evenly over {ranks} ranks" if bad else ""
 
 
 class Trainer:
@@ -80,21 +88,28 @@ class Trainer:
         self.eval_step = make_eval_step(self.model)
         self.epoch, self.step_in_epoch = 0, 0
         self.saved_step, self.restored = -1, ""
+        # lineage: this run's id (a resume takes the checkpoint's), and with --overwrite what it replaces once
+        # its first checkpoint is committed (rank 0 lists, rank 0 deletes)
+        self.run_id = runtime.broadcast_object(lineage.new_run_id() if runtime.is_chief else "", "run_id")
+        self.spec_fingerprint = lineage.spec_fingerprint(self.spec.to_dict())
+        self.replaces: list = []
         if runtime.is_chief:  # before any rank can save: what killed saves left behind goes
             checkpoint.clean_temporaries(cfg.model_dir)
+            if cfg.overwrite:
+                self.replaces = lineage.overwritten(cfg.model_dir)
         self._build()
 
     # ------------------------------------------------------------------ setup
     def _local_setup(self, cfg: Config, runtime: Runtime) -> None:
         """Everything start-up checks on this rank alone: raises SpecError / ValueError naming the problem."""
-        self.spec = FeatureSpec.from_yaml(Path(cfg.dataset_path) / cfg.fspec_file)
+        self.spec = FeatureSpec.from_yaml(storage.join(cfg.dataset_path, cfg.fspec_file))
         self.spec.validate()  # any number of files works for any number of ranks (row-range sharding)
         gpu = bool(tf.config.list_physical_devices("GPU")) and not cfg.cpu
         self.backend = resolve_backend(cfg.embedding_backend, runtime.size, gpu)
         self.compute = "float32" if not cfg.amp else ("float16" if gpu else "bfloat16")
-        if cfg.global_batch_size % runtime.size or cfg.eval_batch_size % runtime.size:
-            raise ValueError(f"--global_batch_size {cfg.global_batch_size} and --eval_batch_size "
-                             f"{cfg.eval_batch_size} must divide evenly over {runtime.size} ranks")
+        uneven = batch_size_problems(cfg, runtime.size)
+        if uneven:
+            raise ValueError(uneven)
         self.local_batch = cfg.global_batch_size // runtime.size
         with_map = cfg.map_calculation_enabled
         self.train_data = DataLoader(self.spec, TRAIN, self.local_batch, runtime.rank, runtime.size,
@@ -151,16 +166,28 @@ class Trainer:
         return int(sum(t.cardinality * t.dim for t in tables)
                    + sum(int(np.prod(v.shape)) for v in self.model.named_dense_variables().values()))
 
-    def restore(self) -> None:
-        """Collective: load the latest usable checkpoint of model_dir; each rank reads only its own rows."""
-        manifest, path = checkpoint.restore_latest(
-            self.cfg.model_dir, table_states(self.model, self.wide_opt, self.deep_opt),
-            lambda arrays, origin: import_dense(self.model, self.wide_opt, self.deep_opt, arrays, origin),
-            self.rt)
+    def restore(self, optional: bool = False) -> None:
+        """Collective: load the latest usable checkpoint of model_dir; each rank reads only its own rows.
+
+        ``optional`` (``--use_checkpoint auto``): a model_dir holding no checkpoint at all starts fresh; one
+        holding only unusable checkpoints is still an error (their state is not silently dropped).
+        """
+        try:
+            manifest, path = checkpoint.restore_latest(
+                self.cfg.model_dir, table_states(self.model, self.wide_opt, self.deep_opt),
+                lambda arrays, origin: import_dense(self.model, self.wide_opt, self.deep_opt, arrays, origin),
+                self.rt)
+        except checkpoint.NoCheckpoint:
+            if not optional:
+                raise
+            return
         self.epoch, self.step_in_epoch = int(manifest["epoch"]), int(manifest["step_in_epoch"])
         self.saved_step = self.global_step
-        self.restored = (f"restored {path} (epoch {self.epoch}, step {self.global_step}; written by "
-                         f"{manifest['world_size']} rank(s), backend {manifest.get('backend')})")
+        self.run_id = str(manifest.get("run") or self.run_id)  # the resumed run's lineage goes on
+        changed = _changed_flags(manifest.get("config", {}), _jsonable(self.cfg))
+        self.restored = (f"restored {path} (run {self.run_id}, epoch {self.epoch}, step {self.global_step}; "
+                         f"written by {manifest['world_size']} rank(s), backend {manifest.get('backend')})"
+                         + (f"; flags changed since: {changed}" if changed else ""))
         self.log.info(self.restored)
 
     @property
@@ -176,12 +203,18 @@ class Trainer:
             return None
         meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "seed": self.cfg.seed, "config": _jsonable(self.cfg), "backend": self.backend,
-                "embedding_plan": self.plan.policy if self.plan is not None else "replicated"}
+                "embedding_plan": self.plan.policy if self.plan is not None else "replicated",
+                **lineage.lineage_fields(self.run_id, 0, self.spec_fingerprint)}
         dense = dense_state(self.model, self.wide_opt, self.deep_opt) if self.rt.is_chief else None
-        out = checkpoint.save(self.cfg.model_dir, self.global_step,
-                              table_states(self.model, self.wide_opt, self.deep_opt), dense, meta, self.rt,
-                              keep=self.cfg.keep_checkpoints)
+        with self.rt.phase("save", long=True):  # ranks write different amounts; rank 0 also the manifest
+            out = checkpoint.save(self.cfg.model_dir, self.global_step,
+                                  table_states(self.model, self.wide_opt, self.deep_opt), dense, meta, self.rt,
+                                  keep=self.cfg.keep_checkpoints)
         self.saved_step = self.global_step
+        if self.replaces and self.rt.is_chief:  # --overwrite: the earlier run's checkpoints go only now
+            removed = lineage.remove(self.replaces)
+            self.log.info(f"--overwrite: removed the {removed} checkpoint(s) that were in {self.cfg.model_dir}")
+        self.replaces = []
         rate = out["bytes"] / max(out["seconds"], 1e-9) / 1e6
         self.log.info(f"saved {out['path']} ({out['total_bytes'] / 2**20:,.1f} MiB; rank 0 wrote "
                       f"{out['bytes'] / 2**20:,.1f} MiB at {rate:,.0f} MB/s)")
@@ -204,6 +237,7 @@ class Trainer:
         cfg, metrics = self.cfg, {}
         stop = _StopFlag()
         samples_per_step = self.local_batch * self.rt.size
+        compiled = False  # the first step traces and compiles: ranks may take very different times
         try:
             while self.epoch < cfg.num_epochs:
                 self.train_data.set_epoch(self.epoch)
@@ -211,8 +245,9 @@ class Trainer:
                 for i, batch in zip(range(self.steps_per_epoch), self.train_data, strict=False):
                     if i < self.step_in_epoch:  # resuming mid-epoch: skip what was already trained on
                         continue
-                    loss_sum += float(self.train_step(batch, tf.constant(self.global_step, tf.int64)))
-                    self.step_in_epoch, seen = i + 1, seen + 1
+                    with self.rt.phase("train" if compiled else "first step", long=not compiled):
+                        loss_sum += float(self.train_step(batch, tf.constant(self.global_step, tf.int64)))
+                    self.step_in_epoch, seen, compiled = i + 1, seen + 1, True
                     if self.step_in_epoch % cfg.log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
                         loss = self.rt.sum_host(np.array([loss_sum, seen]), "train_loss")
                         rate = seen * samples_per_step / (time.perf_counter() - t0)
@@ -371,10 +406,16 @@ def _head(batch: Batch, n: int) -> Batch:
     return pad_batch(head(batch, n), n)
 
 
-def _jsonable(cfg: Config) -> dict:
-    import dataclasses
+def _changed_flags(saved: dict, now: dict) -> str:
+    """'flag old -> new, ...' for the flags a resume changes (up to 6; how to resume is not a change)."""
+    same = {"use_checkpoint", "overwrite", "debug", "storage_options"}
+    diff = [f"--{k} {saved[k]} -> {now[k]}" for k in sorted(now) if k in saved and k not in same
+            and saved[k] != now[k]]
+    return ", ".join(diff[:6]) + (f" (+{len(diff) - 6} more)" if len(diff) > 6 else "")
 
-    return dataclasses.asdict(cfg)
+
+def _jsonable(cfg: Config) -> dict:
+    return cfg.public()  # storage credentials are never logged nor saved
 
 
 class _StopFlag:

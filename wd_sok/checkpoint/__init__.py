@@ -3,7 +3,8 @@
 ``save`` (collective): every rank writes its own rows of every table and slot; rank 0 writes the replicated
 state and the manifest last, then renames the folder into place. ``restore_latest`` (collective): every rank
 reads only the rows it owns under the current rank count and backend; damaged checkpoints fall back to the
-previous one on every rank together. ``python -m wd_sok.checkpoint convert DIR`` converts the earlier
+previous one on every rank together. Which run wrote each checkpoint, and what a new run may do in a folder
+holding them, is :mod:`wd_sok.checkpoint.lineage`. ``python -m wd_sok.checkpoint convert DIR`` converts the earlier
 single-file ``ckpt-<step>.npz`` checkpoints.
 """
 
@@ -12,11 +13,11 @@ from wd_sok.checkpoint.format import (
     CorruptCheckpoint,
     IncompatibleCheckpoint,
     clean_temporaries,
-    list_checkpoints,
     read_manifest,
 )
-from wd_sok.checkpoint.reader import restore_latest
+from wd_sok.checkpoint.lineage import list_checkpoints
+from wd_sok.checkpoint.reader import NoCheckpoint, restore_latest
 from wd_sok.checkpoint.writer import save
 
-__all__ = ["CheckpointError", "CorruptCheckpoint", "IncompatibleCheckpoint", "clean_temporaries",
+__all__ = ["CheckpointError", "CorruptCheckpoint", "IncompatibleCheckpoint", "NoCheckpoint", "clean_temporaries",
            "list_checkpoints", "read_manifest", "restore_latest", "save"]

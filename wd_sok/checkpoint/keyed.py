@@ -11,12 +11,13 @@ The manifest's table entry says ``placement: "dynamic"`` with the table's ``dyna
 ``{rank, count, pending, clock, files}`` (``clock``: the collection's training-step clock, the same on every
 rank). A table's shards hold whatever keys their writers owned; nothing in the format depends on N.
 
-Restore under M ranks (any backend with a keyed table): each rank streams every shard's ``key`` file block
-by block (:func:`~wd_sok.checkpoint.format.block_rows` rows at a time, its CRC32 checked on the way), keeps
-the keys it owns under M (``collection.owns``: ``mix64(k) % M == rank`` for the CPU backend) and copies just
-those rows of the other arrays (memory-mapped reads of the block's owned rows): it never holds more than one
-block beyond its own rows. Keys beyond a rank's capacity under M (a full table re-sharded unevenly) are
-dropped, with a warning naming the table and how many.
+Restore under M ranks (any backend with a keyed table): each rank streams every shard's files in lockstep,
+block by block (:func:`~wd_sok.checkpoint.format.block_rows` rows at a time), keeps the keys it owns under M
+(``collection.owns``: ``mix64(k) % M == rank`` for the CPU backend) and those rows of the other arrays: it
+never holds more than one block of each array beyond its own rows. Keys are spread over every block, so every
+block is read anyway, and every file read (keys, values, slots, counters, pending) is checked against the
+manifest: size and header first, CRC32 at its end. Keys beyond a rank's capacity under M (a full table
+re-sharded unevenly) are dropped, with a warning naming the table and how many.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import io
 import warnings
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,15 +86,14 @@ def read_keyed(folder: Path, state: KeyedTableState, entry: dict[str, Any], file
     wanted = [a for a in state.arrays() if a in entry["arrays"]]
     dropped = 0
     for shard in entry["shards"]:
-        for keys_array, arrays, count in (("key", wanted, int(shard["count"])),
+        for keys_array, arrays, count in (("key", ["key", *wanted], int(shard["count"])),
                                           ("pending_key", ["pending_key", "pending_count"], int(shard["pending"]))):
-            maps = {a: _open(folder, state, shard["files"][a], files, count) for a in arrays if a != keys_array}
-            for lo, keys in _key_blocks(folder, state, shard["files"][keys_array], files, count):
-                mask = state.owns(keys)
+            names = {a: shard["files"][a] for a in arrays}
+            for got in _blocks(folder, state, names, files, count):
+                mask = state.owns(got[keys_array])
                 if not mask.any():
                     continue
-                got = {keys_array: keys[mask]}
-                got.update({a: np.asarray(m[lo:lo + keys.size][mask]) for a, m in maps.items()})
+                got = {a: v[mask] for a, v in got.items()}
                 if keys_array == "key":
                     dropped += coll.insert_keyed(name, got)
                 else:
@@ -100,6 +101,52 @@ def read_keyed(folder: Path, state: KeyedTableState, entry: dict[str, Any], file
     if dropped:
         warnings.warn(f"{folder}: table '{state.key}': {dropped} key(s) did not fit this rank's share of the "
                       "capacity under the new rank count and were dropped", stacklevel=2)
+
+
+def _blocks(folder: Path, state: KeyedTableState, names: dict[str, str], files: dict[str, dict], count: int
+            ) -> Iterator[dict[str, np.ndarray]]:
+    """Yield ``{array: [<= block] or [<= block, dim] rows}`` of the files ``names`` (one shard: row i of each is
+    the same key), front to back. Each file's size and header are checked before the first block and its CRC32
+    after the last: a damaged file raises CorruptCheckpoint naming it."""
+    dim, step = state.table.dim, block_rows(state.table.dim)
+    opened: dict[str, tuple[Any, np.dtype, int]] = {}
+    crcs: dict[str, int] = {}
+    try:
+        for array, name in names.items():
+            where = f"{folder}: table '{state.key}' ({name})"
+            f = open(_check_size(folder, state, name, files), "rb")  # noqa: SIM115 - closed in finally
+            opened[array] = (f, np.dtype(np.int64), 1)
+            try:
+                shape, dtype, offset = read_npy_header(f)
+            except ValueError as e:
+                raise CorruptCheckpoint(f"{where}: not a readable .npy file ({e})") from None
+            wide = array not in INT_ARRAYS
+            want = ((count, dim), np.float32) if wide else ((count,), np.int64)
+            if shape != want[0] or dtype != want[1]:
+                raise CorruptCheckpoint(f"{where}: holds {shape} {dtype}, the manifest says {want[0]} "
+                                        f"{np.dtype(want[1])}")
+            f.seek(0)
+            crcs[array] = zlib.crc32(f.read(offset))
+            opened[array] = (f, np.dtype(want[1]), dim if wide else 1)
+        for lo in range(0, count, step):
+            rows = min(count, lo + step) - lo
+            block = {}
+            for array, (f, dtype, width) in opened.items():
+                data = f.read(rows * width * dtype.itemsize)
+                if len(data) != rows * width * dtype.itemsize:
+                    raise CorruptCheckpoint(f"{folder}: table '{state.key}' ({names[array]}): ends inside row "
+                                            f"{lo + len(data) // (width * dtype.itemsize)}")
+                crcs[array] = zlib.crc32(data, crcs[array])
+                values = np.frombuffer(data, dtype)
+                block[array] = values.reshape(rows, width) if width > 1 or array not in INT_ARRAYS else values
+            yield block
+    finally:
+        for f, _, _ in opened.values():
+            f.close()
+    for array, name in names.items():
+        if crcs[array] != files[name]["crc32"]:
+            raise CorruptCheckpoint(f"{folder}: table '{state.key}' ({name}): checksum does not match the "
+                                    "manifest (damaged file)")
 
 
 def _check_size(folder: Path, state: KeyedTableState, name: str, files: dict[str, dict]) -> Path:
@@ -112,38 +159,3 @@ def _check_size(folder: Path, state: KeyedTableState, name: str, files: dict[str
         raise CorruptCheckpoint(f"{folder}: table '{state.key}' ({name}): {size} bytes, the manifest says "
                                 f"{files.get(name, {}).get('bytes')} (truncated?)")
     return path
-
-
-def _open(folder: Path, state: KeyedTableState, name: str, files: dict[str, dict], count: int) -> np.ndarray:
-    """A memory-mapped per-row array of a shard (rows are read only when indexed)."""
-    path = _check_size(folder, state, name, files)
-    try:
-        arr = np.load(path, mmap_mode="r")
-    except ValueError as e:
-        raise CorruptCheckpoint(f"{folder}: table '{state.key}' ({name}): not a readable .npy file ({e})") from None
-    if arr.shape[:1] != (count,):
-        raise CorruptCheckpoint(f"{folder}: table '{state.key}' ({name}): holds {arr.shape[0]} rows, the "
-                                f"manifest says {count}")
-    return arr
-
-
-def _key_blocks(folder: Path, state: KeyedTableState, name: str, files: dict[str, dict], count: int):  # noqa: ANN202
-    """Yield (first row, [<= block] int64 keys) of a key file, front to back; its CRC32 is checked at the end."""
-    path = _check_size(folder, state, name, files)
-    where = f"{folder}: table '{state.key}' ({name})"
-    with open(path, "rb") as f:
-        try:
-            shape, dtype, offset = read_npy_header(f)
-        except ValueError as e:
-            raise CorruptCheckpoint(f"{where}: not a readable .npy file ({e})") from None
-        if shape != (count,) or dtype != np.int64:
-            raise CorruptCheckpoint(f"{where}: holds {shape} {dtype}, the manifest says ({count},) int64")
-        f.seek(0)
-        crc = zlib.crc32(f.read(offset))
-        step = block_rows(state.table.dim)
-        for lo in range(0, count, step):
-            data = f.read(8 * (min(count, lo + step) - lo))
-            crc = zlib.crc32(data, crc)
-            yield lo, np.frombuffer(data, np.int64)
-    if crc != files[name]["crc32"]:
-        raise CorruptCheckpoint(f"{where}: checksum does not match the manifest (damaged file)")

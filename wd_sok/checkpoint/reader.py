@@ -6,9 +6,12 @@ rows (from the manifest) include none this rank owns is skipped without being re
 others are written straight into the variable. Memory beyond the variables: one block (~32 MiB) plus the dense
 state. A file read whole is checked against its CRC32; every file's size is checked against the manifest.
 
-Ranks agree on every outcome: if any rank finds the latest checkpoint damaged (a missing or truncated file,
-a bad checksum), all warn once and fall back to the previous one together; one written for another feature
-spec or by a newer format is an error on every rank.
+Rank 0 chooses, every rank follows: rank 0 lists the checkpoints (newest commit first,
+:mod:`wd_sok.checkpoint.lineage`) and broadcasts the list, so ranks that see a folder through different caches
+still read the same one. Ranks agree on every outcome, and each verdict names the folder it is about: if any
+rank finds a checkpoint damaged (a missing or truncated file, a bad checksum, a damaged manifest), all warn
+once and fall back to the previous one together; one written for another feature spec or by a newer format
+is an error on every rank.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from wd_sok.checkpoint import keyed
+from wd_sok.checkpoint import keyed, lineage
 from wd_sok.checkpoint.directio import RangeReader
 from wd_sok.checkpoint.format import (
     DENSE,
@@ -31,7 +34,6 @@ from wd_sok.checkpoint.format import (
     CorruptCheckpoint,
     IncompatibleCheckpoint,
     block_rows,
-    list_checkpoints,
     list_legacy,
     read_manifest,
     read_npy_header,
@@ -56,16 +58,20 @@ def restore_latest(model_dir: str | Path, tables: list[State], import_dense: Den
     Raises:
         CheckpointError (every rank, same message) when none is usable.
     """
-    candidates = list(reversed(list_checkpoints(model_dir)))
-    if not candidates:
-        legacy = list_legacy(model_dir)
+    listing: tuple[list[str], list[str]] = ([], [])
+    if runtime.is_chief:  # rank 0 lists; every rank reads the folders rank 0 saw, in its order
+        listing = ([p.name for p in reversed(lineage.list_checkpoints(model_dir))],
+                   [p.name for p in list_legacy(model_dir)])
+    names, legacy = runtime.broadcast_object(listing, "ckpt_listing")
+    if not names:
         if legacy:
             raise CheckpointError(f"--use_checkpoint: {model_dir} holds only checkpoints of the earlier "
-                                  f"single-file format ({legacy[-1].name}); convert them once with: "
+                                  f"single-file format ({legacy[-1]}); convert them once with: "
                                   f"python -m wd_sok.checkpoint convert {model_dir}")
-        raise CheckpointError(f"--use_checkpoint: no checkpoint (ckpt-<step>/{MANIFEST}) in {model_dir}")
+        raise NoCheckpoint(f"--use_checkpoint: no checkpoint (ckpt-<step>/{MANIFEST}) in {model_dir}")
     last = ""
-    for path in candidates:
+    for name in names:
+        path = Path(model_dir) / name
         kind, message, manifest = "", "", {}
         try:
             manifest = read_one(path, tables, import_dense)
@@ -73,11 +79,15 @@ def restore_latest(model_dir: str | Path, tables: list[State], import_dense: Den
             kind, message = "incompatible", str(e)
         except CheckpointError as e:
             kind, message = "corrupt", str(e)
-        verdicts = runtime.allgather_object((kind, message), "ckpt_restore")
-        fatal = [m for k, m in verdicts if k == "incompatible"]
+        except Exception as e:  # noqa: BLE001 - anything a damaged folder can raise: agreed, not a hang
+            kind, message = "corrupt", f"{path}: {type(e).__name__}: {e}"
+        verdicts = runtime.allgather_object((name, kind, message), "ckpt_restore")
+        if any(v[0] != name for v in verdicts):  # cannot happen: every rank follows rank 0's list
+            raise CheckpointError(f"--use_checkpoint: ranks restored different folders of {model_dir}")
+        fatal = [m for _, k, m in verdicts if k == "incompatible"]
         if fatal:
             raise IncompatibleCheckpoint(fatal[0])
-        damaged = [m for k, m in verdicts if k == "corrupt"]
+        damaged = [m for _, k, m in verdicts if k == "corrupt"]
         if not damaged:
             return manifest, path
         last = damaged[0]
@@ -86,10 +96,15 @@ def restore_latest(model_dir: str | Path, tables: list[State], import_dense: Den
     raise CheckpointError(f"--use_checkpoint: no usable checkpoint in {model_dir}; the oldest: {last}")
 
 
+class NoCheckpoint(CheckpointError):
+    """``model_dir`` holds no checkpoint at all (``--use_checkpoint auto`` then starts fresh)."""
+
+
 def read_one(folder: Path, tables: list[State], import_dense: DenseImport) -> dict[str, Any]:
     """Restore this rank's part of checkpoint ``folder`` (no collectives); returns its manifest."""
     manifest = read_manifest(folder)
     check_compatible(folder, manifest, tables)
+    _check_one_file_per_table(folder, manifest)
     files = manifest["files"]
     dense = np.load(io.BytesIO(_read_whole(folder, DENSE, files, "dense state")))
     try:
@@ -133,6 +148,19 @@ def check_compatible(folder: Path, manifest: dict[str, Any], tables: list[State]
         if not dynamic and sum(s["count"] for s in entry["shards"]) != table.cardinality:
             raise CorruptCheckpoint(f"{folder}: table '{key}' ({MANIFEST}): its shards hold "
                                     f"{sum(s['count'] for s in entry['shards'])} of {table.cardinality} rows")
+
+
+def _check_one_file_per_table(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a checkpoint in which two tables share a file (written before file names were one-to-one in the
+    table name: e.g. features '年龄' and '性别' both became 'deep.__'): one table's rows would fill both."""
+    owner: dict[str, str] = {}
+    for key, entry in manifest["tables"].items():
+        for shard in entry["shards"]:
+            for name in shard["files"].values():
+                if owner.setdefault(name, key) != key:
+                    raise IncompatibleCheckpoint(
+                        f"{folder}: tables '{owner[name]}' and '{key}' share the file {name} (written by a "
+                        "wd-sok whose file names could collide): it cannot be restored exactly")
 
 
 def _read_whole(folder: Path, name: str, files: dict[str, dict], what: str) -> bytes:

@@ -19,19 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from wd_sok.checkpoint import keyed
+from wd_sok.checkpoint import keyed, lineage
 from wd_sok.checkpoint.directio import SequentialWriter
 from wd_sok.checkpoint.format import (
     DENSE,
     FORMAT,
     MANIFEST,
+    OLD_PREFIX,
     PLACEMENT,
     TMP_PREFIX,
     VERSION,
     CheckpointError,
     block_rows,
     fsync_dir,
-    list_checkpoints,
     shard_file,
     write_durable,
     write_npy_header,
@@ -49,27 +49,34 @@ def save(model_dir: str | Path, step: int, tables: list[State], dense: dict[str,
         step: global step (the folder's name).
         tables: this rank's tables (:func:`wd_sok.state.table_states`).
         dense: the replicated state (:func:`wd_sok.state.dense_state`); only rank 0's is used.
-        meta: epoch, step_in_epoch, seed, backend, config... copied into the manifest.
+        meta: epoch, step_in_epoch, seed, backend, config, ``run`` (this run's id) and ``spec_fingerprint``...
+            copied into the manifest (with ``commit``, the folder's next commit number).
         runtime: rank, world size, collectives.
-        keep: complete checkpoints kept (older ones are removed after this one is committed).
+        keep: checkpoints of this run kept (older ones of this run, by commit order, are removed after this one
+            is committed; other runs' are never touched: :mod:`wd_sok.checkpoint.lineage`).
 
     Returns:
         ``{"path", "bytes" (this rank's), "seconds" (this rank's writing), "total_bytes"}``.
 
     Raises:
-        CheckpointError (on every rank) when any rank failed; nothing is left under a ``ckpt-*`` name then.
+        CheckpointError (on every rank) when any rank failed, whatever the exception; nothing is left under a
+        ``ckpt-*`` name then and no rank is left waiting in a collective.
     """
     model_dir = Path(model_dir)
-    final = model_dir / f"ckpt-{step}"
     tmp = model_dir / f"{TMP_PREFIX}{step}"
-    problem = ""
+    problem, final, commit = "", model_dir / f"ckpt-{step}", 0
     if runtime.is_chief:
         try:
+            entries = lineage.scan(model_dir)
+            commit = lineage.next_commit(entries)
+            final = lineage.folder_for(model_dir, step, str(meta.get("run", "")), entries)
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         except OSError as e:
             problem = f"cannot create {tmp} ({e.strerror})"
+        except Exception as e:  # noqa: BLE001 - any failure becomes the agreed verdict
+            problem = f"{tmp}: {type(e).__name__}: {e}"
     problem = runtime.broadcast_object(problem, "ckpt_dir")
     if problem:
         raise CheckpointError(f"checkpoint at step {step} not saved: {problem}")
@@ -85,11 +92,13 @@ def save(model_dir: str | Path, step: int, tables: list[State], dense: dict[str,
                 record["tables"][state.key] = _write_table(tmp, state, runtime, record["files"])
     except OSError as e:
         record["error"] = f"rank {runtime.rank}: {e.filename or tmp}: {e.strerror}"
+    except Exception as e:  # noqa: BLE001 - any failure becomes the agreed verdict, after the collective
+        record["error"] = f"rank {runtime.rank}: {type(e).__name__}: {e}"
     seconds = time.perf_counter() - t0
     mine = sum(f["bytes"] for f in record["files"].values())
     records = runtime.allgather_object(record, "ckpt_records")
 
-    outcome = {"path": str(final), "error": next((r["error"] for r in records if r["error"]), "")}
+    outcome = {"path": "", "error": next((r["error"] for r in records if r["error"]), "")}
     if runtime.is_chief:
         try:
             if outcome["error"]:
@@ -97,12 +106,15 @@ def save(model_dir: str | Path, step: int, tables: list[State], dense: dict[str,
             info = {s.key: keyed.table_info(s) if isinstance(s, KeyedTableState) else
                     {"cardinality": s.table.cardinality, "dim": s.table.dim, "dtype": "float32",
                      "plan": s.collection.placement(s.table.name).describe()} for s in tables}
-            _commit(tmp, final, step, records, dense, {**meta, "tables": info}, runtime.size)
-            for old in list_checkpoints(model_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
-        except (OSError, CheckpointError) as e:
-            outcome["error"] = outcome["error"] or str(e)
+            _commit(tmp, final, step, records, dense, {**meta, "commit": commit, "tables": info}, runtime.size)
+            outcome["path"] = str(final)
+        except Exception as e:  # noqa: BLE001 - any failure becomes the agreed verdict
+            outcome["error"] = outcome["error"] or (str(e) if isinstance(e, OSError | CheckpointError)
+                                                    else f"{type(e).__name__}: {e}")
             shutil.rmtree(tmp, ignore_errors=True)
+        if not outcome["error"]:  # committed: this run's older checkpoints beyond `keep` go, nobody else's
+            for old in lineage.expired(lineage.scan(model_dir), str(meta.get("run", "")), keep, final):
+                shutil.rmtree(old, ignore_errors=True)
     outcome = runtime.broadcast_object(outcome, "ckpt_outcome")
     if outcome["error"]:
         raise CheckpointError(f"checkpoint at step {step} not saved: {outcome['error']}")
@@ -151,7 +163,10 @@ def _commit(tmp: Path, final: Path, step: int, records: list[dict], dense: dict[
                 "tables": tables, "files": files}
     write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     fsync_dir(tmp)
-    if final.exists():  # an earlier run reached this step too: the newer save replaces it
-        shutil.rmtree(final)
+    aside = final.parent / f"{OLD_PREFIX}{final.name}"
+    if final.exists():  # this run reached this step before (it resumed from an older one): moved aside, not
+        os.replace(final, aside)  # deleted, until the new one is in (clean_temporaries puts it back if killed)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
