@@ -21,7 +21,9 @@ Output: ``{"probability": [B] float32}``, sigmoid of the Wide & Deep logit. Ids 
 malformed offsets or inputs of different row counts are an InvalidArgumentError (never a silent zero); so are
 non-finite numerics, unless training ran with ``--nan_policy zero``, which serving then applies too.
 
-Layout of the export folder (written to a temporary sibling, then renamed into place)::
+Layout of the export folder (written to a temporary sibling, then renamed into place; a URL such as
+``s3://bucket/export``: written locally, then uploaded with the marker object ``_WD_SOK_COMPLETE.json``
+last, which :func:`fetch_export` checks, see :mod:`wd_sok.storage.tree`)::
 
     saved_model.pb, variables/          the SavedModel
     assets/feature_spec.yaml            the training feature spec (source paths are the training data's)
@@ -40,6 +42,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from wd_sok import storage
 from wd_sok.checkpoint.format import block_rows
 from wd_sok.data.batch import Batch
 from wd_sok.embedding.base import EmbeddingCollection
@@ -47,6 +50,7 @@ from wd_sok.embedding.composite import CompositeEmbedding, ServingDynamic
 from wd_sok.embedding.replicated import ReplicatedEmbedding
 from wd_sok.model import WideDeepModel
 from wd_sok.optim import read_rows
+from wd_sok.storage.tree import MARKER, download_tree
 from wd_sok.tools.outdir import atomic_dir
 
 SIGNATURE = "serving_default"
@@ -66,7 +70,7 @@ def export_saved_model(trainer: Any, export_dir: str | Path) -> None:
             ``.deep_opt``, ``.backend``, ``.epoch``).
         export_dir: destination folder.
     """
-    export_dir = Path(export_dir)
+    export_dir = export_dir if storage.is_url(export_dir) else Path(export_dir)
     model: WideDeepModel = trainer.model
     problem = ""
     if trainer.rt.is_chief:  # fail before the collective, and on every rank (none is left waiting in it)
@@ -91,6 +95,15 @@ def export_saved_model(trainer: Any, export_dir: str | Path) -> None:
         trainer.spec.to_yaml(assets / "feature_spec.yaml")
         (assets / "signature.json").write_text(json.dumps(info, indent=2) + "\n")
         (assets / "README.md").write_text(readme(info))
+
+
+def fetch_export(export_dir: str | Path, local_dir: str | Path) -> Path:
+    """A local folder holding the SavedModel at ``export_dir``, for ``tf.saved_model.load``: ``export_dir``
+    itself if local; a URL's complete upload copied (and checksummed) into ``local_dir`` otherwise, or a
+    :class:`~wd_sok.storage.StorageError` if its marker is missing (not written, or still being written)."""
+    if not storage.is_url(export_dir):
+        return Path(export_dir)
+    return download_tree(export_dir, Path(local_dir))
 
 
 # ----------------------------------------------------------------------------- model copy
@@ -338,8 +351,20 @@ def readme(info: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------- atomic write
-def _check_destination(export_dir: Path) -> None:
-    """An existing ``export_dir`` may be replaced only if it is empty or holds a SavedModel."""
+def _check_destination(export_dir: Path | str) -> None:
+    """An existing ``export_dir`` may be replaced only if it is empty or holds a SavedModel (a URL: an
+    upload of one, complete or not), and it must be writable."""
+    if storage.is_url(export_dir):
+        store = storage.Store(export_dir)
+        try:
+            names = store.listdir()
+            if names and not ({MARKER, "saved_model.pb"} & set(names)):
+                raise ValueError(f"--export_dir {export_dir} holds objects that are not a SavedModel export; "
+                                 "refusing to replace them")
+            store.probe_writable()
+        except OSError as e:
+            raise ValueError(f"--export_dir {e}") from None
+        return
     if export_dir.exists() and (not export_dir.is_dir() or (
             any(export_dir.iterdir()) and not (export_dir / "saved_model.pb").exists())):
         raise ValueError(f"--export_dir {export_dir} exists and is not an empty folder or a SavedModel; "

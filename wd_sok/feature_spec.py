@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from wd_sok import storage
+
 ONEHOT = "onehot_categorical"
 MULTIHOT = "multihot_categorical"
 NUMERICAL = "numerical"
@@ -108,18 +110,19 @@ class FeatureSpec:
     channel_spec: dict[str, list[str]]
     source_spec: dict[str, list[dict[str, Any]]]
     metadata: dict[str, Any] = field(default_factory=dict)
-    base_directory: Path = Path(".")
+    base_directory: Path | str = Path(".")  # a str only for a URL (s3://...)
     origin: str = "<feature spec>"
 
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_yaml(cls, path: str | Path, validate: bool = True, allow_csv: bool = False) -> FeatureSpec:
-        """Load and validate ``path``; relative file paths resolve against its folder."""
-        path = Path(path)
+        """Load and validate ``path`` (a local path or a URL, :mod:`wd_sok.storage`); relative file paths
+        resolve against its folder."""
+        path = path if storage.is_url(path) else Path(path)
         try:
-            text = path.read_text()
+            text = storage.read_text(path)
         except OSError as e:
-            raise SpecError(f"{path}: cannot read feature spec ({e.strerror})") from None
+            raise SpecError(f"{path}: cannot read feature spec ({e.strerror or e})") from None
         try:
             raw = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -127,7 +130,7 @@ class FeatureSpec:
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
-        return cls.from_dict(raw, base_directory=path.parent, origin=str(path), validate=validate,
+        return cls.from_dict(raw, base_directory=storage.parent(path), origin=str(path), validate=validate,
                              allow_csv=allow_csv)
 
     @classmethod
@@ -148,7 +151,7 @@ class FeatureSpec:
                           for k, v in raw["channel_spec"].items()},
             source_spec=copy.deepcopy(raw["source_spec"]),
             metadata=dict(raw.get("metadata") or {}),
-            base_directory=Path(base_directory),
+            base_directory=base_directory if storage.is_url(base_directory) else Path(base_directory),
             origin=origin,
         )
         if validate:
@@ -228,9 +231,11 @@ class FeatureSpec:
     def max_hotness(self, name: str) -> int:
         return int(self.feature_spec[name].get("max_hotness", 1))
 
-    def files(self, mapping: str) -> list[Path]:
-        """Absolute paths of the mapping's files, in spec order."""
-        return [self.base_directory / f for chunk in self.source_spec.get(mapping, []) for f in chunk["files"]]
+    def files(self, mapping: str) -> list[Path | str]:
+        """Paths of the mapping's files, in spec order: Paths, or URL strings when the spec's folder or the
+        file's entry is a URL."""
+        return [storage.join(self.base_directory, f) for chunk in self.source_spec.get(mapping, [])
+                for f in chunk["files"]]
 
     def features_in(self, mapping: str) -> list[str]:
         return [f for chunk in self.source_spec.get(mapping, []) for f in chunk["features"]]
@@ -241,11 +246,11 @@ class FeatureSpec:
         The JSON is ``sizes_file`` if given, else ``embedding_sizes.json`` beside the spec if present.
         A feature defined in both places, or in neither, is an error: each width has one source.
         """
-        path = Path(sizes_file) if sizes_file else self.base_directory / EMBEDDING_SIZES_FILE
+        path = storage.join(sizes_file) if sizes_file else storage.join(self.base_directory, EMBEDDING_SIZES_FILE)
         from_file: dict[str, Any] = {}
-        if sizes_file or path.exists():
+        if sizes_file or storage.exists(path):
             try:
-                from_file = json.loads(Path(path).read_text())
+                from_file = json.loads(storage.read_text(path))
             except (OSError, ValueError) as e:
                 raise SpecError(f"{path}: cannot read embedding sizes: {e}") from None
         dims: dict[str, int] = {}

@@ -37,7 +37,8 @@ def run(cfg: Config) -> int:
                 for flag in ("model_dir", "results_dir"):
                     _check_writable(flag, getattr(cfg, flag))
                 if cfg.export_dir:
-                    _check_writable("export_dir", str(storage.parent(cfg.export_dir)))
+                    _check_writable("export_dir", cfg.export_dir if storage.is_url(cfg.export_dir)
+                                    else str(Path(cfg.export_dir).parent))
                 if not (cfg.use_checkpoint or cfg.overwrite or cfg.evaluate or cfg.benchmark):
                     refusal = fresh_run_refusal(cfg.model_dir)  # a model_dir belongs to one run
                     if refusal:

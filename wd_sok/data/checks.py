@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from wd_sok import storage
 from wd_sok.feature_spec import FeatureSpec, SpecError
 
 NAN_POLICIES = ("reject", "zero")
@@ -40,9 +40,9 @@ def rules(spec: FeatureSpec, columns: list[str], nan_policy: str) -> dict:
             "multihot": [n for n in columns if n in spec.multihot], "nan_policy": nan_policy}
 
 
-def check_file(path: Path, spec: FeatureSpec, columns: list[str], nan_policy: str = "reject") -> None:
+def check_file(path: Path | str, spec: FeatureSpec, columns: list[str], nan_policy: str = "reject") -> None:
     """Raise SpecError at the first bad value in ``path`` (see the module docstring)."""
-    table = pq.read_table(path, columns=columns)
+    table = storage.parquet_file(path).read(columns=columns)
     for name in columns:
         col = table.column(name).combine_chunks()
 

@@ -17,12 +17,14 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import tensorflow as tf
 
+from wd_sok import storage
 from wd_sok.data import sharding
 from wd_sok.data.batch import Batch
 from wd_sok.data.cache import VerdictCache
@@ -35,24 +37,41 @@ warnings.filterwarnings("ignore", message=".*Compute capability.*")
 warnings.filterwarnings("ignore", message="Initializing an NVTabular Dataset in CPU mode.*")
 
 
-def footer(path: Path) -> pq.FileMetaData:
-    """The parquet footer of ``path`` (no data read); SpecError for a missing or unreadable file."""
+FOOTER_READERS = 16  # footers of remote files read in parallel at start-up (each a couple of ranged GETs)
+
+
+def footer(path: Path | str) -> pq.FileMetaData:
+    """The parquet footer of ``path`` (a local path or a URL; no data read); SpecError for a missing or
+    unreadable file, :class:`~wd_sok.storage.StorageError` naming the URL when the store refuses."""
     try:
-        return pq.ParquetFile(path).metadata
+        return storage.parquet_file(path).metadata
     except FileNotFoundError:
         raise SpecError(f"{path}: parquet file listed in the feature spec does not exist") from None
+    except storage.StorageError:
+        raise
     except Exception as e:  # pyarrow raises ArrowInvalid and friends for corrupt files
         raise SpecError(f"{path}: not a readable parquet file ({e})") from None
 
 
-def parquet_rows(path: Path) -> int:
+def footers(paths: list[Path | str]) -> list[pq.FileMetaData]:
+    """:func:`footer` of every path, in order: remote ones read by up to :data:`FOOTER_READERS` threads
+    (the first failure in path order is raised)."""
+    if not any(storage.is_url(p) for p in paths):
+        return [footer(p) for p in paths]
+    with ThreadPoolExecutor(min(FOOTER_READERS, len(paths))) as pool:
+        return list(pool.map(footer, paths))
+
+
+def parquet_rows(path: Path | str) -> int:
     """Row count of a parquet file from its footer (no data read)."""
     return footer(path).num_rows
 
 
-def check_columns(path: Path, spec: FeatureSpec, columns: list[str]) -> None:
-    """Check that ``path`` holds every column with the spec's dtype; raise SpecError naming the mismatch."""
-    schema = pq.read_schema(path)
+def check_columns(path: Path | str, spec: FeatureSpec, columns: list[str],
+                  metadata: pq.FileMetaData | None = None) -> None:
+    """Check that ``path`` holds every column with the spec's dtype; raise SpecError naming the mismatch.
+    ``metadata``: its footer if already read (else it is read)."""
+    schema = (metadata or footer(path)).schema.to_arrow_schema()
     for name in columns:
         if name not in schema.names:
             raise SpecError(f"{path}: feature '{name}': column missing from the parquet file")
@@ -104,11 +123,10 @@ class DataLoader:
         self.columns = spec.categorical + spec.numerical + [spec.label] + (
             [self.map_feature] if self.map_feature else [])
         self.infos: list[sharding.FileInfo] = []
-        for path in self.files:
-            meta = footer(path)
+        for path, meta in zip(self.files, footers(self.files), strict=True):
             if meta.num_rows == 0:
                 raise SpecError(f"{path}: parquet file has no rows")
-            check_columns(path, spec, self.columns)
+            check_columns(path, spec, self.columns, meta)
             self.infos.append(sharding.read_info(path, meta, self.map_feature))
         self.total_rows = sum(i.rows for i in self.infos)
         if self.map_feature:
@@ -161,10 +179,11 @@ class DataLoader:
         merlin_compat.apply()
         cpu = self.device == "cpu"
         if self._schema is None:  # Merlin's schema of the columns (dtypes, list-ness), from the footers
-            full = merlin.io.Dataset([str(f) for f in self.files[:1]], engine="parquet", cpu=cpu)
+            full = merlin.io.Dataset([str(f) for f in self.files[:1]], engine="parquet", cpu=cpu,
+                                     storage_options=storage.options() if storage.is_url(self.files[0]) else None)
             self._schema = full.schema.select_by_name(self.columns)
         groups = {info.path: info.group_rows for info in self.infos}
-        meta = pq.read_schema(self.files[0]).empty_table().select(self.columns).to_pandas()
+        meta = footer(self.files[0]).schema.to_arrow_schema().empty_table().select(self.columns).to_pandas()
 
         def read(path: Path, first: int, end: int):  # noqa: ANN202 - a pandas frame
             return sharding.read_segment(path, first, end, self.columns, groups[path]).to_pandas()

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from wd_sok import storage
 from wd_sok.feature_spec import SpecError
 
-Segment = tuple[Path, int, int]  # (file, first row, end row) of a rank's rows, rows local to the file
+Segment = tuple[Path | str, int, int]  # (file: a path or URL, first row, end row), rows local to the file
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class FileInfo:
         map_min, map_max: per row group, the map column's min / max from the statistics (None if absent).
     """
 
-    path: Path
+    path: Path | str
     group_rows: tuple[int, ...]
     map_min: tuple[int | None, ...] = ()
     map_max: tuple[int | None, ...] = ()
@@ -48,7 +49,7 @@ class FileInfo:
         return sum(self.group_rows)
 
 
-def read_info(path: Path, metadata: pq.FileMetaData, map_feature: str | None) -> FileInfo:
+def read_info(path: Path | str, metadata: pq.FileMetaData, map_feature: str | None) -> FileInfo:
     """The :class:`FileInfo` of ``path`` from its footer ``metadata``."""
     groups = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
     lo: list[int | None] = []
@@ -84,12 +85,12 @@ def segments(infos: list[FileInfo], start: int, stop: int) -> list[Segment]:
     return out
 
 
-def read_segment(path: Path, first: int, end: int, columns: list[str], group_rows: tuple[int, ...]):  # noqa: ANN201
+def read_segment(path: Path | str, first: int, end: int, columns: list[str], group_rows: tuple[int, ...]):  # noqa: ANN201
     """Rows [first, end) of ``path`` (only the row groups that hold them are read) as a pyarrow Table."""
     bounds = np.concatenate([[0], np.cumsum(group_rows)]).astype(np.int64)
     g0 = int(np.searchsorted(bounds, first, side="right")) - 1
     g1 = int(np.searchsorted(bounds, end, side="left"))
-    table = pq.ParquetFile(path).read_row_groups(list(range(g0, g1)), columns=columns)
+    table = storage.parquet_file(path).read_row_groups(list(range(g0, g1)), columns=columns)
     return table.slice(first - int(bounds[g0]), end - first)
 
 
@@ -148,5 +149,5 @@ def _next_group_start(infos: list[FileInfo], map_feature: str, cut: int) -> int:
 
 
 def _map_ids(info: FileInfo, group: int, map_feature: str) -> np.ndarray:
-    column = pq.ParquetFile(info.path).read_row_group(group, columns=[map_feature]).column(0)
+    column = storage.parquet_file(info.path).read_row_group(group, columns=[map_feature]).column(0)
     return column.to_numpy(zero_copy_only=False)

@@ -12,7 +12,9 @@ from typing import Any
 
 import pyarrow as pa
 
+from wd_sok import storage
 from wd_sok.feature_spec import CHANNELS, TEST, TRAIN, FeatureSpec
+from wd_sok.storage.tree import upload_tree
 
 SPEC_FILE = "feature_spec.yaml"
 
@@ -21,7 +23,16 @@ SPEC_FILE = "feature_spec.yaml"
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``final``, renamed to ``final`` (replacing what was there) only if the
     block succeeds; on failure nothing of it is left and ``final`` is untouched. The folder gets mode 0755,
-    as ``mkdir`` gives (``mkdtemp`` makes it 0700: others could not read a shared dataset or export)."""
+    as ``mkdir`` gives (``mkdtemp`` makes it 0700: others could not read a shared dataset or export).
+
+    ``final`` may be a URL (s3://...): the block then fills a local temporary folder, which is uploaded on
+    success with a marker object written last (:func:`wd_sok.storage.tree.upload_tree`: readers that check
+    the marker never see half of it; a failed block uploads nothing)."""
+    if storage.is_url(final):
+        with tempfile.TemporaryDirectory(prefix="wd_sok_upload-") as local:
+            yield Path(local)
+            upload_tree(Path(local), final)
+        return
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
