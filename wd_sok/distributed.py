@@ -7,10 +7,16 @@ agreement on small Python objects (checkpoint records, stop signals, errors).
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
+
+from wd_sok import watchdog
 
 
 class Runtime:
@@ -23,10 +29,36 @@ class Runtime:
             hvd = None
         self.hvd = hvd
         if hvd is not None:
+            watchdog.configure_horovod(os.environ)  # Gloo's timeout above the watchdog's: read by hvd.init()
             hvd.init()
             self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
         else:
             self.rank, self.size, self.local_rank = 0, 1, 0
+        self.phase_name, self.phase_long = "start-up", True
+        self.watchdog = watchdog.start(self.rank, self.size)  # None on one rank or without horovodrun's server
+        if self.watchdog is not None:
+            atexit.register(self.watchdog.finish)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, long: bool = False) -> Iterator[None]:
+        """Name what this rank is doing (the stall line says it); ``long``: a phase in which one rank may work
+        long while the others wait (save, restore, export, first step), allowed a longer silence. A phase left
+        by an exception stays current, so the error names the phase it came from."""
+        previous = self.phase_name, self.phase_long
+        self._set_phase(name, long)
+        yield
+        self._set_phase(*previous)
+
+    def _set_phase(self, name: str, long: bool) -> None:
+        self.phase_name, self.phase_long = name, long
+        if self.watchdog is not None:
+            self.watchdog.set_phase(name, long)
+
+    def silent_ranks(self) -> list[int]:
+        """Ranks whose heartbeat this rank has not seen move for a few intervals (what a failed collective
+        blames); [] without a watchdog."""
+        dog = self.watchdog
+        return dog.silent(3 * dog.interval) if dog is not None else []
 
     @property
     def is_chief(self) -> bool:
