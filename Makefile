@@ -1,14 +1,18 @@
-# wd-sok: the README's commands. `make demo` and `make test` set up .venv on first use.
+# wd-sok: the README's commands. `make demo` sets up .venv's one-process level on first use (no Horovod);
+# `make test` and `make bench-quick` also build Horovod (`make setup-dist`). scripts/setup_env.sh has the timings.
 PY      := .venv/bin/python
 DEMO    := demo_data
 SPEC    := data/outbrain_feature_spec.yaml
 DEMO_ARGS ?= --num_epochs 2 --global_batch_size 4096 --eval_batch_size 16384 --deep_warmup_epochs 0.5 \
              --deep_learning_rate 0.001 --log_every 10
 
-.PHONY: setup demo test lint bench-quick clean-demo
+.PHONY: setup setup-dist demo test lint bench-quick clean-demo
 
 setup:
 	@bash scripts/setup_env.sh
+
+setup-dist:
+	@bash scripts/setup_env.sh --dist
 
 $(DEMO)/feature_spec.yaml: $(SPEC) wd_sok/tools/generate.py | setup
 	$(PY) -m wd_sok.tools.generate --feature_spec_in $(SPEC) --output $(DEMO) \
@@ -19,13 +23,13 @@ demo: setup $(DEMO)/feature_spec.yaml
 	    $(DEMO_ARGS)
 	@echo "Bayes-optimal reference for this data: $$(cat $(DEMO)/generator_report.json)"
 
-test: setup
+test: setup-dist
 	$(PY) -m pytest tests/ -q -ra
 
 lint: setup
 	.venv/bin/ruff check wd_sok tests main.py benchmarks scripts
 
-bench-quick: setup
+bench-quick: setup-dist
 	$(PY) benchmarks/bench_quick.py
 
 clean-demo:
