@@ -10,13 +10,31 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from wd_sok import watchdog
+
+
+def launcher_world_size(env: Mapping[str, str]) -> tuple[str, int]:
+    """The world size a multi-process launcher gave this process through its environment, with the variable
+    that says so (Open MPI / mpirun, MPICH / Intel MPI / PMI, ``srun``, ``horovodrun``); ``("", 1)`` if none.
+    ``SLURM_NTASKS`` alone is also set in an ``sbatch`` script's one process: only a step started by ``srun``
+    (``SLURM_STEP_ID``) counts."""
+    names = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE"]
+    if "SLURM_STEP_ID" in env:
+        names += ["SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"]
+    for name in names:
+        try:
+            size = int(env.get(name, "1"))
+        except ValueError:
+            continue
+        if size > 1:
+            return name, size
+    return "", 1
 
 
 class Runtime:
@@ -27,6 +45,11 @@ class Runtime:
             import horovod.tensorflow as hvd
         except ImportError:  # plain single-process run without Horovod installed
             hvd = None
+            var, size = launcher_world_size(os.environ)
+            if size > 1:  # one of N siblings, alone as "rank 0" into the same model_dir: refuse
+                raise SystemExit(f"wd-sok: started as one of {size} processes ({var}={size}) but Horovod is not "
+                                 "installed here, so this process cannot join them; install it (make setup-dist) "
+                                 "or run one process") from None
         self.hvd = hvd
         if hvd is not None:
             watchdog.configure_horovod(os.environ)  # Gloo's timeout above the watchdog's: read by hvd.init()

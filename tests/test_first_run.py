@@ -1,0 +1,213 @@
+"""A newcomer's first run: setup in two levels (one process / Horovod), quiet TensorFlow logs, evaluation that
+checks only its own batch size, and a launcher's rank that cannot join its siblings refusing to run alone."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tests.conftest import ROOT
+from wd_sok.config import parse_config
+from wd_sok.distributed import launcher_world_size
+from wd_sok.tflog import kept
+
+TINY = ["--global_batch_size", "32", "--eval_batch_size", "32", "--num_epochs", "1", "--deep_hidden_units", "8",
+        "--deep_warmup_epochs", "0"]
+ABSL_WARNING = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+XLA_LINE = "Compiled cluster using XLA!"
+PRIORITY_LINE = "SetPriority unimplemented for this stream."
+
+
+# ----------------------------------------------------------------------------- setup levels
+def _setup(venv: Path, log: Path, *args: str) -> subprocess.CompletedProcess:
+    """scripts/setup_env.sh against a venv whose python is a stub that records its arguments (no network)."""
+    env = dict(os.environ, VENV=str(venv), STUB_LOG=str(log))
+    proc = subprocess.run(["bash", str(ROOT / "scripts/setup_env.sh"), *args], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_setup_levels_and_their_stamps(tmp_path: Path) -> None:
+    """One process needs no Horovod: the plain level never builds it, --dist adds only Horovod on a complete
+    plain level, complete levels do nothing, and a stale plain level redoes both."""
+    venv, log = tmp_path / "venv", tmp_path / "calls.log"
+    (venv / "bin").mkdir(parents=True)
+    for name in ("python", "horovodrun"):
+        (venv / "bin" / name).write_text('#!/usr/bin/env bash\necho "$*" >> "$STUB_LOG"\n')
+        (venv / "bin" / name).chmod(0o755)
+
+    def calls() -> list[str]:
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return lines
+
+    def installs(lines: list[str]) -> list[str]:
+        return [c for c in lines if " install " in c]
+
+    out = _setup(venv, log).stdout
+    first = installs(calls())
+    assert any("-r requirements.txt" in c for c in first) and any("-e ." in c for c in first), first
+    assert not any("horovod" in c for c in first), f"the one-process level built Horovod: {first}"
+    assert (venv / ".wd_sok_ready").is_file() and not (venv / ".wd_sok_dist_ready").exists()
+    assert "no Horovod" in out and "make demo can start" in out
+
+    assert _setup(venv, log).stdout == "" and calls() == []  # complete: nothing at all
+
+    out = _setup(venv, log, "--dist").stdout
+    second = installs(calls())
+    assert len(second) == 1 and "horovod==0.28.1" in second[0] and "--no-build-isolation" in second[0], second
+    assert (venv / ".wd_sok_dist_ready").read_text() == (venv / ".wd_sok_ready").read_text()
+    assert "building horovod" in out
+
+    assert _setup(venv, log, "--dist").stdout == "" and _setup(venv, log).stdout == "" and calls() == []
+
+    (venv / ".wd_sok_ready").write_text("stale\n")  # requirements changed: both levels again, in order
+    _setup(venv, log, "--dist")
+    third = installs(calls())
+    assert "-r requirements.txt" in " ".join(third) and "horovod==0.28.1" in third[-1], third
+    assert (venv / ".wd_sok_dist_ready").read_text() == (venv / ".wd_sok_ready").read_text() != "stale\n"
+
+
+def test_make_demo_needs_no_horovod_and_make_test_builds_it() -> None:
+    def recipe(target: str) -> str:
+        proc = subprocess.run(["make", "-n", "-B", target], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    demo = recipe("demo")
+    assert "scripts/setup_env.sh\n" in demo and "--dist" not in demo
+    for target in ("test", "bench-quick", "setup-dist"):
+        assert "scripts/setup_env.sh --dist" in recipe(target), target
+
+
+def test_readme_states_the_times_setup_prints() -> None:
+    """The README's first section and what setup prints come from the same measured seconds."""
+    script = (ROOT / "scripts/setup_env.sh").read_text()
+    base, dist = (int(re.search(rf"^{name}=(\d+)", script, re.M).group(1)) for name in ("BASE_S", "DIST_S"))
+    assert base > 0 and dist > 0
+    top = (ROOT / "README.md").read_text().split("\n## ", 1)[0]
+    assert f"{base} s measured" in top and f"{dist} s measured" in top, top
+    assert "make setup-dist" in top
+
+
+# ----------------------------------------------------------------------------- quiet logs
+def _run_main(dataset: Path, out: Path, *extra: str, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "main.py"), "--dataset_path", str(dataset), "--model_dir", str(out / "ckpt"),
+           "--results_dir", str(out / "results"), *TINY, *extra]
+    base = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env={**base, **(env or {})})
+
+
+def test_a_normal_run_prints_none_of_tensorflows_noise(tiny_dataset: Path, tmp_path: Path) -> None:
+    """The same tiny run three times: quiet by default, every line back with --debug or the user's own
+    TF_CPP_MIN_LOG_LEVEL (so the default run does reach the code that logs them)."""
+    quiet = _run_main(tiny_dataset, tmp_path / "quiet")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert "done: BCE" in quiet.stdout
+    for line in (ABSL_WARNING, XLA_LINE, PRIORITY_LINE):
+        assert line not in quiet.stderr, quiet.stderr
+    assert quiet.stderr.strip() == "", quiet.stderr
+
+    debug = _run_main(tiny_dataset, tmp_path / "debug", "--debug")
+    assert debug.returncode == 0 and "done: BCE" in debug.stdout, debug.stderr[-3000:]
+    for line in (ABSL_WARNING, XLA_LINE, PRIORITY_LINE):
+        assert line in debug.stderr, line
+    assert "I tensorflow/" in debug.stderr  # level 0: TensorFlow's own INFO lines too
+
+    user = _run_main(tiny_dataset, tmp_path / "user", env={"TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert user.returncode == 0, user.stderr[-3000:]
+    for line in (ABSL_WARNING, XLA_LINE, PRIORITY_LINE):  # the user's level is theirs: nothing filtered
+        assert line in user.stderr, line
+    assert "I tensorflow/" not in user.stderr
+
+
+def test_filter_drops_only_the_noise_lines() -> None:
+    noise = [ABSL_WARNING.encode(),
+             b"I0000 00:00:1796235525.213570    8436 device_compiler.h:186] Compiled cluster using XLA!  This line "
+             b"is logged at most once for the lifetime of the process.",
+             b"2026-12-02 18:18:45.214375: E external/local_xla/xla/stream_executor/stream_executor_internal.h:177] "
+             b"SetPriority unimplemented for this stream."]
+    real = [b"2026-12-02 18:18:45.214375: E tensorflow/core/kernels/x.cc:1] something failed",
+            b"Traceback (most recent call last):", b"  SetPriority unimplemented for this stream. (quoted)", b""]
+    stream = b"\n".join([real[0], *noise, *real[1:]]) + b"\n" + b"no newline at the end"
+    for cut in (1, 7, 64, len(stream)):  # the pipe hands over chunks cut anywhere
+        chunks = [stream[i:i + cut] for i in range(0, len(stream), cut)]
+        assert b"".join(kept(chunks)) == b"\n".join(real) + b"\n" + b"no newline at the end", cut
+
+
+def test_filtered_stderr_arrives_whole_when_the_process_is_killed(tmp_path: Path) -> None:
+    """The filter is a child process: lines written just before a SIGKILL of the run still arrive."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from wd_sok.tflog import quiet
+        assert quiet(filter_stderr=True) and os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
+        os.write(2, b"first\\n{ABSL_WARNING}\\n")
+        print("last words", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == -9
+    assert proc.stderr == "first\nlast words\n"
+
+
+# ----------------------------------------------------------------------------- evaluation batch sizes
+def test_evaluation_under_3_ranks_does_not_check_the_training_batch(tiny_dataset: Path) -> None:
+    """--evaluate --use_checkpoint under 3 ranks with the training flags of a 2-rank run (4096 % 3 != 0): the
+    start-up checks pass and each rank evaluates 48 / 3 = 16 rows per step; training with them is refused,
+    and so is an evaluation batch that does not divide."""
+    from wd_sok.train import Trainer
+
+    rank0_of_3 = SimpleNamespace(rank=0, size=3, local_rank=0, is_chief=True)
+    flags = ["--dataset_path", str(tiny_dataset), "--global_batch_size", "4096"]
+    trainer = Trainer.__new__(Trainer)
+    trainer._local_setup(parse_config([*flags, "--eval_batch_size", "48", "--evaluate", "--use_checkpoint"]),
+                         rank0_of_3)
+    assert trainer.local_eval_batch == 16
+    with pytest.raises(ValueError, match=r"^--global_batch_size 4096 must divide evenly over 3 ranks$"):
+        Trainer.__new__(Trainer)._local_setup(parse_config([*flags, "--eval_batch_size", "48"]), rank0_of_3)
+    with pytest.raises(ValueError, match=r"^--eval_batch_size 4096 must divide evenly over 3 ranks$"):
+        Trainer.__new__(Trainer)._local_setup(parse_config([*flags, "--eval_batch_size", "4096", "--evaluate"]),
+                                              rank0_of_3)
+
+
+# ----------------------------------------------------------------------------- launcher without Horovod
+@pytest.mark.parametrize("env,expected", [
+    ({}, ("", 1)),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, ("OMPI_COMM_WORLD_SIZE", 4)),
+    ({"PMI_SIZE": "2"}, ("PMI_SIZE", 2)),
+    ({"HOROVOD_SIZE": "3"}, ("HOROVOD_SIZE", 3)),
+    ({"HOROVOD_SIZE": "1", "OMPI_COMM_WORLD_SIZE": "1"}, ("", 1)),
+    ({"SLURM_NTASKS": "8"}, ("", 1)),  # an sbatch script's own process: no srun step
+    ({"SLURM_NTASKS": "8", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2"}, ("SLURM_STEP_NUM_TASKS", 2)),
+    ({"SLURM_NTASKS": "8", "SLURM_STEP_ID": "0"}, ("SLURM_NTASKS", 8)),
+    ({"PMI_SIZE": "many"}, ("", 1)),
+])
+def test_launcher_world_size(env: dict[str, str], expected: tuple[str, int]) -> None:
+    assert launcher_world_size(env) == expected
+
+
+def test_a_rank_that_cannot_import_horovod_refuses_in_one_line(tiny_dataset: Path, tmp_path: Path) -> None:
+    """mpirun -np 3 on a venv without Horovod: each process would train alone as 'rank 0' into the shared
+    model_dir. It refuses instead, before writing anything."""
+    fake = tmp_path / "no_horovod" / "horovod"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("Horovod is not installed (test)")\n')
+    out = tmp_path / "out"
+    proc = _run_main(tiny_dataset, out, env={"PYTHONPATH": str(fake.parent), "OMPI_COMM_WORLD_SIZE": "3",
+                                             "OMPI_COMM_WORLD_RANK": "1"})
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [
+        "wd-sok: started as one of 3 processes (OMPI_COMM_WORLD_SIZE=3) but Horovod is not installed here, so this "
+        "process cannot join them; install it (make setup-dist) or run one process"], proc.stderr
+    assert not out.exists()
