@@ -31,10 +31,11 @@ def fake(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
     sys.modules.pop("sparse_operation_kit", None)
 
 
-def test_sok_holds_tables_without_admission_or_eviction_and_applies_them_itself(fake) -> None:  # noqa: ANN001
-    tables = [TableConfig("a", 7, 2), TableConfig("s", 50, 2, dynamic=DynamicConfig(50, 1, "none")),
+def test_sok_holds_lru_tables_without_admission_and_applies_them_itself(fake) -> None:  # noqa: ANN001
+    tables = [TableConfig("a", 7, 2), TableConfig("s", 128, 2, dynamic=DynamicConfig(128, 1, "lru")),
               TableConfig("t", 50, 2, dynamic=DynamicConfig(50, 2, "lru"))]
-    emb = make_embedding("sok", tables[1:], "glorot_normal", 0, "deep", Runtime())
+    with pytest.warns(UserWarning, match="'t'.*min_count 2"):
+        emb = make_embedding("sok", tables[1:], "glorot_normal", 0, "deep", Runtime())
     kinds = [type(p).__name__ for p in emb.parts]
     assert kinds == ["SokDynamicEmbedding", "DynamicEmbedding"]
     opt = LazyRMSprop(0.1, rho=0.5)
@@ -71,7 +72,7 @@ def test_sok_holds_tables_without_admission_or_eviction_and_applies_them_itself(
 
 def _launch(ranks: int, mode: str, backend: str, model_dir: Path, out: Path) -> list[dict]:
     common.check(common.launch(ranks, ["tests/dist/dynamic_ckpt.py", "--mode", mode, "--backend", backend,
-                                       "--rules", "none", "--model_dir", str(model_dir), "--out", str(out)], LIMIT))
+                                       "--rules", "sok", "--model_dir", str(model_dir), "--out", str(out)], LIMIT))
     report = json.loads(out.read_text())
     assert [r["failures"] for r in report] == [[]] * ranks, report
     return report

@@ -32,10 +32,15 @@ from wd_sok.optim import LazyRMSprop  # noqa: E402
 from wd_sok.state import KeyedTableState, table_states  # noqa: E402
 
 CAP = 60
+SOK_CAP = 256
 
 
 def tables(dim: int, rules: str) -> list[TableConfig]:
-    """``rules`` "evict": u LRU with min_count 2, v LFU; "none": both min_count 1, no eviction (SOK's rules)."""
+    """``rules`` "evict": u LRU with min_count 2, v LFU; "none": both min_count 1, no eviction; "sok": both
+    min_count 1, LRU, capacity 256 (SOK's rules: a power-of-two share >= 128 under 1 and 2 ranks)."""
+    if rules == "sok":
+        return [TableConfig("u", SOK_CAP, dim, dynamic=DynamicConfig(SOK_CAP, 1, "lru")),
+                TableConfig("v", SOK_CAP, dim, 2, True, "sum", DynamicConfig(SOK_CAP, 1, "lru"))]
     u, v = (DynamicConfig(CAP, 2, "lru"), DynamicConfig(CAP, 1, "lfu")) if rules == "evict" else (
         DynamicConfig(CAP, 1, "none"), DynamicConfig(CAP, 1, "none"))
     return [TableConfig("u", CAP, dim, dynamic=u), TableConfig("v", CAP, dim, 2, True, "sum", v)]
@@ -134,7 +139,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("save", "restore"), required=True)
     parser.add_argument("--backend", default="sharded")
-    parser.add_argument("--rules", choices=("evict", "none"), default="evict")
+    parser.add_argument("--rules", choices=("evict", "none", "sok"), default="evict")
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -148,7 +153,8 @@ def main() -> int:
     if args.mode == "save":
         train(model, rt.rank, 6)
         states = table_states(model, model.wide_opt, model.deep_opt)
-        checkpoint.save(args.model_dir, 6, states, dense(model) if rt.is_chief else None, {}, rt)
+        checkpoint.save(args.model_dir, 6, states, dense(model) if rt.is_chief else None,
+                        {"epoch": 0, "step_in_epoch": 6}, rt)
         report["counters"] = {k: v.tolist() for k, v in model.deep_embedding.counters().items()}
         for name in ("u", "v"):  # wide and deep saw the same ids with the same rules: the same keys have rows
             wide, deep = (np.sort(e.part(name).read_keyed(name, "key", 0, e.part(name).keyed_count(name)))

@@ -65,6 +65,7 @@ with ``sok.OptimizerWrapper``: :class:`SokDynamicEmbedding`. Not used: ``sp_weig
 from __future__ import annotations
 
 import inspect
+import sys
 from types import ModuleType
 
 import numpy as np
@@ -154,12 +155,14 @@ def init_sok(runtime: Runtime) -> ModuleType:
 
 
 def sok_pooled(runtime: Runtime, variables: dict[str, tf.Variable], ids: dict[str, Ids], values: list[tf.Tensor],
-               tables: dict[str, TableConfig]) -> dict[str, tf.Tensor]:
+               tables: dict[str, TableConfig], find_only: bool = False) -> dict[str, tf.Tensor]:
     """One fused ``sok.lookup_sparse`` over ``variables`` (feature -> SOK variable, in lookup order).
 
     Args:
         ids: per feature its one-hot [B] or ragged [B, (k)] ids (for the row structure).
         values: per feature of ``variables``, its flat [n] int64 ids, already checked.
+        find_only: look up without inserting (dynamic tables built with ``filter_ratio=0``, see
+            :class:`SokDynamicEmbedding`): unknown ids add nothing, as the zero row.
     Returns:
         ``{feature: [B, dim] float32}``, pooled by the table's combiner: SOK sums and we divide by the row
         length for "mean", so empty rows give 0 as :func:`pool` does.
@@ -169,7 +172,9 @@ def sok_pooled(runtime: Runtime, variables: dict[str, tf.Variable], ids: dict[st
         x = ids[name]
         ragged.append(tf.RaggedTensor.from_row_splits(v, tf.cast(x.row_splits, tf.int64), validate=False)
                       if isinstance(x, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(v[:, None]))  # one-hot
-    vectors = init_sok(runtime).lookup_sparse(list(variables.values()), ragged, combiners=["sum"] * len(ragged))
+    extra = {"use_low_frequency_filter": True} if find_only else {}
+    vectors = init_sok(runtime).lookup_sparse(list(variables.values()), ragged, combiners=["sum"] * len(ragged),
+                                              **extra)
     out = {}
     for name, r, v in zip(variables, ragged, vectors, strict=True):
         if tables[name].combiner == "mean":
@@ -244,38 +249,98 @@ class SokEmbedding(RowShardedCollection):
         return sok_vars
 
 
+
+HKV_BUCKET = 128  # keys per HKV bucket (max_bucket_size, kit/variable/impl/variable_base.cu:65)
+FILTER_TAG = "v25.03.00"  # the first HugeCTR tag whose lookup_sparse can look up without inserting
+
+
+def find_only_lookup(sok: ModuleType) -> bool:
+    """Whether ``sok.lookup_sparse`` takes ``use_low_frequency_filter`` (HugeCTR v25.03.00's SOK; the PyPI
+    merlin-sok 2.1.0, built from 24.06, does not, with the same version string)."""
+    try:
+        return "use_low_frequency_filter" in inspect.signature(sok.lookup_sparse).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def sok_refusal(table: TableConfig, world: int) -> str | None:
+    """Why SOK's ``DynamicVariable`` cannot hold ``table`` as its spec says under ``world`` GPUs (one line), or
+    None when it can: ``min_count: 1`` (SOK has no admission count), ``evict: lru`` (a full HKV table evicts its
+    least recently used keys, kLru), ``capacity / world`` a power of two >= 128 (HKV's ``max_capacity`` per GPU,
+    powers of two, whole 128-key buckets) and a SOK with the find-only lookup (v25.03.00)."""
+    d = table.dynamic
+    if d is None:
+        return "not a dynamic table"
+    if d.min_count != 1:
+        return f"min_count {d.min_count}: SOK has no admission count (min_count: 1 only)"
+    if d.evict != "lru":
+        return (f"evict: {d.evict}: a full SOK (HKV) table evicts its least recently used keys, so it holds "
+                "evict: lru only")
+    share = d.capacity // max(world, 1)
+    if d.capacity % max(world, 1) or share < HKV_BUCKET or share & (share - 1):
+        return (f"capacity {d.capacity} over {world} GPU(s) is not a power of two >= {HKV_BUCKET} per GPU "
+                "(SOK's max_capacity)")
+    sok = sys.modules.get("sparse_operation_kit")
+    if sok is None:
+        try:
+            import sparse_operation_kit as sok
+        except Exception:  # no SOK: init_sok says so when the backend is built
+            return None
+    if not find_only_lookup(sok):
+        return (f"this SOK's lookup_sparse cannot look up without inserting (HugeCTR {FILTER_TAG}'s "
+                "use_low_frequency_filter): use the image of this repo's Dockerfile")
+    return None
+
+
+def sok_can_hold(table: TableConfig, world: int = 1) -> bool:
+    """Whether SOK's DynamicVariable implements ``table``'s rules under ``world`` GPUs (:func:`sok_refusal`)."""
+    return sok_refusal(table, world) is None
+
+
 class SokDynamicEmbedding(EmbeddingCollection):
-    """Dynamic tables as ``sok.DynamicVariable`` (GPU hash tables, key k on GPU ``k % N``), for the tables
-    SOK can hold as the spec says: ``min_count: 1`` and ``evict: none`` (see :func:`sok_can_hold`).
+    """Dynamic tables as ``sok.DynamicVariable`` HKV hash tables (key k on GPU ``k % N``), for the tables SOK
+    can hold as the spec says (:func:`sok_refusal`): ``min_count: 1``, ``evict: lru``, a power-of-two share.
 
-    Read from NVIDIA-Merlin/HugeCTR ``sparse_operation_kit/sparse_operation_kit/`` (``pkg/``; dynamic_variable.py
-    at commit 2f28608, optimizer.py at 1c36b21, the examples at 7db4647):
+    Read from NVIDIA-Merlin/HugeCTR at tag v25.03.00 (``pkg/`` = ``sparse_operation_kit/sparse_operation_kit/``,
+    ``kit/`` = ``sparse_operation_kit/kit_src/``); tests/fake_sok.py follows the same lines, each cited there.
 
-    * ``sok.DynamicVariable(dimension, initializer, var_type="hbm", key_type=tf.int64)`` (``pkg/dynamic_variable.py``,
-      ``DynamicVariable.__init__``): a hash table that grows on lookup (DET, "hbm"); ``initializer`` is "random"
-      or a float's string (here "random" for the deep part, "0" for the wide part: SOK draws its own rows, not
-      :func:`~wd_sok.embedding.keys.initial_key_rows`). DET reserves the keys ``INT64_MAX`` (empty) and
-      ``INT64_MIN`` (reclaim) and "the program will crash" on them (same docstring): lookups assert they are
-      absent, naming the feature. SOK has no admission count and DET no eviction, hence :func:`sok_can_hold`.
-    * Placement: rank r holds keys ``k % N == r`` (``examples/lookup_example_tf2/
-      lookup_sparse_distributed_dynamic_test.py`` reads rank r's keys back as ``np.arange(local) * N + r``).
-    * ``sok.lookup_sparse([dynamic variables], ragged int64 ids, combiners)`` (the same example).
-    * ``sok.export(var) -> (keys, values)`` of this rank, on the host, and ``sok.assign(var, keys, values)``
-      (``pkg/dynamic_variable.py`` ``export`` / ``assign``; ``examples/utils_example_tf2/
-      assign_and_export_test.py``): checkpoints and export. There is no ranged export, so a save holds one host
-      copy of this rank's own rows (and of each slot) while it writes them; count / last are not kept by SOK
-      and are saved as 0.
-    * ``sok.OptimizerWrapper(opt)`` (``pkg/optimizer.py``): a legacy Keras optimizer becomes
-      ``OptimizerWrapperV2``, which builds every slot as a DynamicVariable initialised from the slots of a
-      [1] dummy variable (``__init__``, ``_create_slots_dynamic``), copies the touched rows and slots into a
-      static buffer (``to_static(unique)``), runs the optimizer's own sparse update on it and writes it back;
-      it swaps in its own ``iterations`` counter while doing so ("# 2. Switch iterations"). So any legacy
-      optimizer with per-row slots of the table's width works: **FTRL** (wide: ``accumulator``, ``linear``) as
-      is, and **RMSprop**: the deep dynamic tables use Keras' legacy ``RMSprop`` with the deep optimizer's
-      hyperparameters and schedule, not :class:`~wd_sok.optim.LazyRMSprop`, whose ``last`` slot is [rows]
-      (one float per row, not [rows, dim]) and cannot be built from the wrapper's slot template. Its rms
-      decays only on the steps a key is touched (the static buffer holds only those rows). The wrapper's
-      counter is set to the optimizer's step after a restore, so the learning-rate schedule stays on time.
+    * ``sok.DynamicVariable(dimension, initializer, var_type="hybrid", key_type=tf.int64, init_capacity=C,
+      max_capacity=C, filter_ratio=0.0)`` with C = capacity / N, per GPU (``pkg/dynamic_variable.py:99-138``;
+      the keyword arguments go to ``kit/variable/impl/variable_base.cu:42-99``). "hybrid" is HKV: a table of
+      at most ``max_capacity`` keys (powers of two, ``pkg/dynamic_variable.py:67``; whole 128-key buckets)
+      that evicts its least recently used keys when full (kLru, ``variable_base.cu:85``; per bucket, so a
+      little before the whole table is full). The "hbm" DET table ignores every capacity (fixed 2E4 start,
+      ``variable_base.cu:39-40``, then doubling without limit), so it cannot honour ``capacity``. Rows start
+      from SOK's initializer: "random" (HKV: normal(0, 1)) for the deep part, "0" for the wide part.
+    * ``sok.lookup_sparse([dynamic variables], ragged int64 ids, combiners=["sum"]...)`` inserts every id it
+      does not hold (HKV ``find_or_insert``, ``kit/variable/impl/hkv_variable.cu:509``). Training lookups do
+      that. Evaluation, the build-time forward pass and every ``training=False`` lookup pass
+      ``use_low_frequency_filter=True`` (``pkg/lookup.py:543``, v25.03.00 only): with ``filter_ratio`` 0 an id
+      the table does not hold is dropped before the lookup (``HugeCTR/embedding/
+      all2all_embedding_collection.cu:577-622``; ``hkv_variable.cu:564-588``), so it reads zeros, as the CPU
+      backend's zero row, and gets no row: the export then serves it the zero row. A SOK without it holds no
+      dynamic table (:func:`sok_refusal`).
+    * ``sok.OptimizerWrapper(opt)`` (``pkg/optimizer.py:231-372``): every slot is its own DynamicVariable of
+      the same config, starting from the slots of a [1] dummy variable (``:236-249``); ``apply_gradients`` reads
+      the rows and slot rows of the gradient's keys into static buffers (inserting them into the slot tables:
+      a slot table holds the keys that received a gradient, the value table every key looked up in training;
+      HKV evicts each table on its own), runs the optimizer's own sparse update and writes back. Any legacy
+      optimizer with per-row slots of the table's width works: FTRL (wide) as is, and for the deep part plain
+      legacy ``RMSprop`` with the deep optimizer's hyperparameters and schedule (:class:`~wd_sok.optim.
+      LazyRMSprop`'s ``last`` slot is one float per row and cannot be built from the wrapper's slot template);
+      its rms decays only on the steps a key is touched.
+    * The wrapper swaps its own ``tf.Variable(0)`` (int32, ``:250``) in for the optimizer's ``iterations`` while
+      it applies (``:352-362``): the wrapped schedule reads that counter. Before every apply it is set to the
+      optimizer's step (the deep or wide optimizer wd-sok restores and advances), so after a resume the
+      learning-rate schedule goes on from the restored step.
+    * ``sok.export(var) -> (keys, values)`` of this GPU on the host (``pkg/dynamic_variable.py:465-491``; HKV
+      order is not sorted, ``hkv_variable.cu:337``) and ``sok.assign(var, keys, values)`` (``:494-517``;
+      inserts unknown keys, ``hkv_variable.cu:394``). A save exports the value table and each slot table with
+      their own keys and writes the slots aligned to the value keys: a value key without a slot row (restored
+      without that slot, or its slot row evicted apart from its value) saves the slot's fresh value, the one
+      the wrapper would start it from; slot rows of keys the value table no longer holds are not saved. There
+      is no ranged export, so a save holds one host copy of this rank's rows and of each slot. Count / last
+      are not kept by SOK and are saved as 0.
     """
 
     def __init__(self, tables: list[TableConfig], initializer: str, seed: int, prefix: str,
@@ -283,19 +348,29 @@ class SokDynamicEmbedding(EmbeddingCollection):
         super().__init__(tables, initializer, seed, prefix, **kw)
         self.runtime, self.rank, self.world = runtime, runtime.rank, runtime.size
         sok = init_sok(runtime)
+        for t in tables:
+            why = sok_refusal(t, self.world)
+            if why is not None:
+                raise ValueError(f"{prefix} table '{t.name}': SOK cannot hold it: {why}")
         self.names = [t.name for t in tables]
+        self.capacity = {t.name: t.dynamic.capacity // self.world for t in tables}  # HKV max_capacity per GPU
         self.vars = {t.name: sok.DynamicVariable(dimension=t.dim, initializer="0" if initializer == "zeros"
-                                                 else "random", var_type="hbm", key_type=tf.int64,
-                                                 dtype=tf.float32, name=f"{prefix}_{t.name}_dynamic")
+                                                 else "random", var_type="hybrid", key_type=tf.int64,
+                                                 dtype=tf.float32, name=f"{prefix}_{t.name}_dynamic",
+                                                 init_capacity=self.capacity[t.name],
+                                                 max_capacity=self.capacity[t.name], filter_ratio=0.0)
                      for t in tables}
         object.__setattr__(self, "wrapper", None)
+        object.__setattr__(self, "source", None)  # the optimizer wd-sok steps and restores (its iterations)
+        object.__setattr__(self, "_exported", {})
+        object.__setattr__(self, "_restored", dict.fromkeys(self.names, 0))
         self.wraps_optimizer = True  # slots live in sok.OptimizerWrapper's DynamicVariables, not the optimizer
-        self.capacity = {t.name: 2**62 for t in tables}  # DET grows: a restore never drops keys
 
     def attach_optimizer(self, optimizer: tf.keras.optimizers.legacy.Optimizer | None) -> None:
         """Wrap (a plain-RMSprop stand-in for) ``optimizer`` with ``sok.OptimizerWrapper``; create the slots."""
         if optimizer is None:
             return
+        object.__setattr__(self, "source", optimizer)
         if isinstance(optimizer, LazyRMSprop):
             optimizer = tf.keras.optimizers.legacy.RMSprop(optimizer._get_hyper("learning_rate"),  # noqa: SLF001
                                                            rho=optimizer._get_hyper("rho"),  # noqa: SLF001
@@ -305,8 +380,12 @@ class SokDynamicEmbedding(EmbeddingCollection):
         object.__setattr__(self, "wrapper", wrapper)
         object.__setattr__(self, "optimizer", optimizer)
 
+    def call(self, ids: dict[str, Ids], training: bool | None = None) -> dict[str, tf.Tensor]:
+        return self.lookup(ids, training=training is True)
+
     @tf.autograph.experimental.do_not_convert
-    def lookup(self, ids: dict[str, Ids]) -> dict[str, tf.Tensor]:
+    def lookup(self, ids: dict[str, Ids], training: bool = False) -> dict[str, tf.Tensor]:
+        """Pooled vectors; only a training lookup gives unknown ids rows (the others read zeros for them)."""
         if not self.names:
             return {}
         checked = []
@@ -318,17 +397,23 @@ class SokDynamicEmbedding(EmbeddingCollection):
                                              "reserve the ids INT64_MAX and INT64_MIN"])
             with tf.control_dependencies([check]):
                 checked.append(tf.identity(values))
-        return sok_pooled(self.runtime, self.vars, ids, checked, self.tables)
+        return sok_pooled(self.runtime, self.vars, ids, checked, self.tables, find_only=not training)
 
     @property
     def sparse_variables(self) -> list[tf.Variable]:
         return init_sok(self.runtime).filter_variables(list(self.vars.values()))[0]
+
+    def _sync_step(self) -> None:
+        """The wrapper's step counter := the optimizer's (see the class docstring)."""
+        counter = self.wrapper._iterations  # noqa: SLF001 - pkg/optimizer.py:250, the wrapper's own counter
+        counter.assign(tf.cast(self.source.iterations, counter.dtype))
 
     def apply_own(self, pairs: list[tuple]) -> list[tuple]:
         """Apply the gradients of these tables through the SOK wrapper; return the other (grad, var) pairs."""
         mine = {id(v) for v in self.vars.values()}
         own = [(g, v) for g, v in pairs if id(v) in mine]
         if own and self.wrapper is not None:
+            self._sync_step()
             self.wrapper.apply_gradients(own)
         return [(g, v) for g, v in pairs if id(v) not in mine]
 
@@ -344,24 +429,38 @@ class SokDynamicEmbedding(EmbeddingCollection):
     def owns(self, keys: np.ndarray) -> np.ndarray:
         return self.owner_of_keys(keys, self.world) == self.rank
 
+    def fresh_slot(self, slot: str) -> float:
+        """The value a new row of ``slot`` starts from: the wrapper's dummy-variable slot (a float initializer
+        is its first element, ``kit/variable/kernels/dummy_var_handle.cc:157-166``)."""
+        return float(np.reshape(self.wrapper._initial_vals[slot].numpy(), [-1])[0])  # noqa: SLF001
+
     def _export(self, name: str) -> dict[str, np.ndarray]:
-        """This rank's keys (sorted) with their values and slots, exported from SOK (one host copy)."""
-        sok = init_sok(self.runtime)
+        """This rank's keys (sorted) with their values and, aligned to them, their slots (one host copy)."""
+        sok, dim = init_sok(self.runtime), self.tables[name].dim
         keys, values = (np.asarray(x) for x in sok.export(self.vars[name]))
         order = np.argsort(keys, kind="stable")
-        out = {"key": keys[order], "value": values[order]}
+        keys = keys[order].astype(np.int64)
+        out = {"key": keys, "value": values[order].reshape(keys.size, dim).astype(np.float32)}
         for slot in ([] if self.wrapper is None else self.wrapper.get_slot_names()):
             skeys, svalues = (np.asarray(x) for x in sok.export(self.wrapper.get_slot(self.vars[name], slot)))
-            out[slot] = svalues[np.argsort(skeys, kind="stable")]
+            out[slot] = aligned(keys, skeys, svalues.reshape(skeys.size, dim), self.fresh_slot(slot))
         out["count"] = out["last"] = np.zeros(keys.size, np.int64)
         return out
 
     def keyed_count(self, name: str) -> int:
-        object.__setattr__(self, "_exported", {name: self._export(name)})  # the save reads blocks of this
+        self._exported[name] = self._export(name)  # the save reads blocks of this
         return int(self._exported[name]["key"].size)
 
     def read_keyed(self, name: str, array: str, lo: int, hi: int) -> np.ndarray:
+        if name not in self._exported:
+            self.keyed_count(name)
         return self._exported[name][array][lo:hi]
+
+    def read_keyed_rows(self, name: str, array: str, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (positions of the last :meth:`keyed_count`) of ``array``."""
+        if name not in self._exported:
+            self.keyed_count(name)
+        return self._exported[name][array][np.asarray(rows, np.int64)]
 
     def pending_items(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros([0], np.int64), np.zeros([0], np.int64)
@@ -370,26 +469,46 @@ class SokDynamicEmbedding(EmbeddingCollection):
         return 0
 
     def set_clock(self, value: int) -> None:
-        """(No clock under SOK.) Called first by a restore: put the wrapper's step counter on time."""
-        if self.wrapper is not None and self.optimizer is not None:
-            self.wrapper._iterations.assign(self.optimizer.iterations)  # noqa: SLF001 - see the class docstring
+        """(No clock under SOK.) Called first by a restore: put the wrapper's step counter on time (it is set
+        again before every apply, so the order of a restore's steps does not matter)."""
+        if self.wrapper is not None and self.source is not None:
+            self._sync_step()
 
     def clear_keyed(self, name: str) -> None:
-        """SOK cannot empty a DynamicVariable; a restore assigns every key it restores."""
+        """SOK cannot empty a DynamicVariable (no remove op); a restore assigns every key it restores, counting
+        them against this rank's capacity."""
+        self._restored[name] = 0
+        self._exported.pop(name, None)
 
     def insert_keyed(self, name: str, arrays: dict[str, np.ndarray]) -> int:
-        sok = init_sok(self.runtime)
-        keys = tf.constant(arrays["key"], tf.int64)
-        sok.assign(self.vars[name], keys, tf.constant(arrays["value"], tf.float32))
-        for slot, values in arrays.items():
-            if self.wrapper is not None and slot in self.wrapper.get_slot_names():
-                sok.assign(self.wrapper.get_slot(self.vars[name], slot), keys, tf.constant(values, tf.float32))
-        return 0
+        """Assign restored keys with their values and the slots present (a slot absent from the checkpoint
+        starts fresh); keys beyond this rank's capacity are dropped (returned count), first come first kept,
+        since an HKV assign into a full table would evict restored keys instead."""
+        sok, keys = init_sok(self.runtime), np.asarray(arrays["key"], np.int64)
+        n = max(0, min(keys.size, self.capacity[name] - self._restored[name]))
+        if n:
+            index = tf.constant(keys[:n], tf.int64)
+            sok.assign(self.vars[name], index, tf.constant(arrays["value"][:n], tf.float32))
+            for slot in ([] if self.wrapper is None else self.wrapper.get_slot_names()):
+                if slot in arrays:
+                    sok.assign(self.wrapper.get_slot(self.vars[name], slot), index,
+                               tf.constant(arrays[slot][:n], tf.float32))
+        self._restored[name] += n
+        self._exported.pop(name, None)
+        return int(keys.size - n)
 
     def insert_pending(self, name: str, keys: np.ndarray, counts: np.ndarray) -> None:
         """(No admission under SOK: its tables have min_count 1.)"""
 
 
-def sok_can_hold(table: TableConfig) -> bool:
-    """Whether SOK's DynamicVariable implements ``table``'s rules: no admission count, no eviction."""
-    return table.dynamic is not None and table.dynamic.min_count == 1 and table.dynamic.evict == "none"
+def aligned(keys: np.ndarray, slot_keys: np.ndarray, slot_rows: np.ndarray, fresh: float) -> np.ndarray:
+    """[n, dim] float32: for each of the sorted ``keys`` its row of ``slot_rows`` (rows of ``slot_keys``, any
+    order), or ``fresh`` where the slot table has no row for it; slot rows of other keys are left out."""
+    out = np.full((keys.size, slot_rows.shape[1] if slot_rows.ndim == 2 else 1), fresh, np.float32)
+    if slot_keys.size and keys.size:
+        order = np.argsort(slot_keys, kind="stable")
+        sk = slot_keys[order]
+        pos = np.minimum(np.searchsorted(sk, keys), sk.size - 1)
+        hit = sk[pos] == keys
+        out[hit] = slot_rows[order][pos[hit]]
+    return out
