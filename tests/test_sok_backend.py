@@ -89,6 +89,27 @@ def test_auto_skips_sok_without_its_api_or_that_fails_to_import(installed) -> No
     assert resolve_backend("sok", 2, gpu=False) == "sok"  # explicit names pass through (checked when built)
 
 
+class Ranks:
+    """A runtime of ``size`` ranks whose min_int is the minimum of this rank's value and the others'."""
+
+    def __init__(self, size: int, others: list[int]) -> None:
+        self.size, self.others, self.calls = size, others, []
+
+    def min_int(self, value: int, name: str) -> int:
+        self.calls.append(name)
+        return min([value, *self.others])
+
+
+def test_auto_is_agreed_by_every_rank(installed) -> None:  # noqa: ANN001
+    """sok only if every rank can run it: a rank without SOK (or GPU) makes every rank take sharded."""
+    installed(fake_sok("2.1.0"))
+    assert resolve_backend("auto", 2, gpu=True, runtime=Ranks(2, [1])) == "sok"
+    assert resolve_backend("auto", 2, gpu=True, runtime=Ranks(2, [0])) == "sharded"
+    lacking = Ranks(2, [1])
+    assert resolve_backend("auto", 2, gpu=False, runtime=lacking) == "sharded" and lacking.calls
+    assert resolve_backend("sok", 2, gpu=False, runtime=Ranks(2, [0])) == "sok"  # explicit: no collective
+
+
 def test_explicit_sok_with_legacy_version_is_a_one_line_error(installed) -> None:  # noqa: ANN001
     installed(legacy_sok())
     with pytest.raises(ValueError) as err:

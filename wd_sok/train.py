@@ -56,6 +56,10 @@ class Trainer:
         raise :class:`~wd_sok.startup.StartupError` (``error``: a failure the caller found first)."""
         self.cfg, self.rt = cfg, runtime
         self.log = Reporter(cfg.results_dir, cfg.log_filename, enabled=False)  # silent until attach()
+        # --embedding_backend auto, agreed by every rank (sok only if every rank can run it): a collective that
+        # every rank reaches, before any local check can fail
+        gpu = bool(tf.config.list_physical_devices("GPU")) and not cfg.cpu
+        self.backend = resolve_backend(cfg.embedding_backend, runtime.size, gpu, runtime)
         try:
             if error is None:
                 self._local_setup(cfg, runtime)
@@ -105,7 +109,6 @@ class Trainer:
         self.spec = FeatureSpec.from_yaml(storage.join(cfg.dataset_path, cfg.fspec_file))
         self.spec.validate()  # any number of files works for any number of ranks (row-range sharding)
         gpu = bool(tf.config.list_physical_devices("GPU")) and not cfg.cpu
-        self.backend = resolve_backend(cfg.embedding_backend, runtime.size, gpu)
         self.compute = "float32" if not cfg.amp else ("float16" if gpu else "bfloat16")
         uneven = batch_size_problems(cfg, runtime.size)
         if uneven:
