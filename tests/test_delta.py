@@ -16,7 +16,7 @@ from tests.dist.dynamic_ckpt import Model as DynModel
 from tests.dist.dynamic_ckpt import batch as dyn_batch
 from tests.dist.dynamic_ckpt import train as dyn_train
 from tests.dist.state import gathered_state
-from tests.test_checkpoint import FakeRuntime, assert_same_state, build, save, train
+from tests.test_checkpoint import FakeRuntime, assert_same_state, build, restore, train
 from wd_sok import changes, checkpoint
 from wd_sok.checkpoint import delta, writer
 from wd_sok.checkpoint import format as fmt
@@ -28,9 +28,13 @@ def reset(model, wo, do) -> None:  # noqa: ANN001
         s.reset_changes()
 
 
-def save_delta(model_dir: Path, base: Path, model, wo, do, rt, step: int) -> dict:  # noqa: ANN001
-    meta = {"epoch": 1, "step_in_epoch": 2, "global_step": step, "seed": 0, "config": {}, "backend": "test"}
-    return delta.save_delta(model_dir, step, base, table_states(model, wo, do), dense_state(model, wo, do), meta, rt)
+META = {"epoch": 1, "step_in_epoch": 2, "seed": 0, "config": {}, "backend": "test", "run": "0123456789abcdef"}
+
+
+def save_delta(model_dir: Path, base: Path | None, model, wo, do, rt, step: int, keep: int = 2) -> dict:  # noqa: ANN001
+    """A delta against ``base`` (a full checkpoint when None) at ``step``."""
+    return checkpoint.save(model_dir, step, table_states(model, wo, do), dense_state(model, wo, do),
+                           {**META, "global_step": step}, rt, keep=keep, base=base)
 
 
 def read_pair(base: Path, folder: Path, model, wo, do) -> dict:  # noqa: ANN001
@@ -54,14 +58,15 @@ def late_batches(model, wo, do, rt, first: int, steps: int) -> None:  # noqa: AN
 def test_full_plus_delta_equals_full_and_trains_on_alike(tmp_path: Path, backend: str) -> None:
     model, wo, do, rt = build(backend=backend)
     train(model, wo, do, rt, steps=3)
-    save(tmp_path, model, wo, do, rt, step=3)
+    save_delta(tmp_path, None, model, wo, do, rt, step=3)
     reset(model, wo, do)
     late_batches(model, wo, do, rt, first=3, steps=4)
     want = gathered_state(model, wo, do, rt)
     out = save_delta(tmp_path, tmp_path / "ckpt-3", model, wo, do, rt, step=7)
+    assert out["kind"] == "delta"
     rows_b = int(model.deep_embedding.table_variable("b").shape[0])
     full = json.loads((tmp_path / "ckpt-3" / "manifest.json").read_text())["files"]
-    assert 0 < out["rows"] and out["total_bytes"] < sum(f["bytes"] for f in full.values())
+    assert 0 < out["total_bytes"] < sum(f["bytes"] for f in full.values())
     manifest = json.loads((tmp_path / "ckpt-7" / "manifest.json").read_text())
     assert manifest["kind"] == "delta" and manifest["base"]["path"] == "ckpt-3" and manifest["base"]["step"] == 3
     assert manifest["tables"]["deep/b"]["shards"][0]["count"] == 5 < rows_b  # only ids 0..4 of b were touched
@@ -98,7 +103,7 @@ def write_ranks(tmp: Path, world: int, fill) -> None:  # noqa: ANN001
         if fill:
             fill(r, model, wo, do)
         files: dict = {}
-        write = (lambda s: delta._write_rows(folder, s, r, world, files)) if fill else (  # noqa: B023
+        write = (lambda s: delta.write_rows(folder, s, r, world, files)) if fill else (  # noqa: B023
             lambda s: writer._write_table(folder, s, rt, files))  # noqa: B023
         records.append({"rank": r, "files": files, "error": "",
                         "tables": {s.key: write(s) for s in table_states(model, wo, do)}})
@@ -216,9 +221,9 @@ def test_dynamic_tables_full_plus_delta_equals_full_with_evictions(tmp_path: Pat
     evicted = {k: v[2] - before[k][2] for k, v in model.deep_embedding.counters().items()}
     assert evicted["v"] > 0, evicted  # v: LFU, 120 keys over 60 rows: evicted, re-admitted
     checkpoint.save(tmp_path / "f", 10, states(model), dyn_dense(model), meta, rt)
-    out = delta.save_delta(tmp_path / "d", 10, tmp_path / "d" / "ckpt-4", states(model), dyn_dense(model), meta, rt)
-    full_rows = sum(s.count() for s in states(model))
-    assert 0 < out["rows"] <= full_rows
+    out = checkpoint.save(tmp_path / "d", 10, states(model), dyn_dense(model), meta, rt, base=tmp_path / "d/ckpt-4")
+    assert 0 < out["total_bytes"] < sum(f["bytes"] for f in json.loads(
+        (tmp_path / "f/ckpt-10/manifest.json").read_text())["files"].values())
     a, b = DynModel("sharded", rt, "evict"), DynModel("sharded", rt, "evict")
     checkpoint.restore_latest(tmp_path / "f", states(a), dyn_import(a), rt)
     delta.read_pair(tmp_path / "d" / "ckpt-4", tmp_path / "d" / "ckpt-10", states(b), dyn_import(b))
@@ -240,3 +245,39 @@ def _step_dyn(model: DynModel, s: int) -> None:
             loss = tf.add_n([tf.reduce_sum(tf.square(out[n] - 0.3)) for n in out])
         grads = tape.gradient(loss, emb.sparse_variables)
         opt.apply_gradients(zip(grads, emb.sparse_variables, strict=True))
+
+
+def test_restore_latest_takes_the_delta_falls_back_and_retention_keeps_its_base(tmp_path: Path) -> None:
+    """Full at 3, deltas at 5 and 7 (keep 2): the base survives retention; restore_latest reads full + the
+    latest delta; a damaged latest delta falls back to the previous delta, then to the full one."""
+    model, wo, do, rt = build()
+    train(model, wo, do, rt, steps=3)
+    save_delta(tmp_path, None, model, wo, do, rt, step=3)
+    reset(model, wo, do)
+    wants = {}
+    for first in (3, 5):
+        late_batches(model, wo, do, rt, first=first, steps=2)
+        wants[first + 2] = gathered_state(model, wo, do, rt)
+        save_delta(tmp_path, tmp_path / "ckpt-3", model, wo, do, rt, step=first + 2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt-3", "ckpt-5", "ckpt-7"]
+    fresh = build(seed=4)
+    manifest, path = restore(tmp_path, *fresh)
+    assert path.name == "ckpt-7" and manifest["kind"] == "delta"
+    assert_same_state(gathered_state(*fresh), wants[7])
+    victim = tmp_path / "ckpt-7" / fmt.shard_file("deep/b", "rms", 0, 1)
+    victim.write_bytes(victim.read_bytes()[:-4])
+    fresh = build(seed=5)
+    with pytest.warns(UserWarning, match=r"ckpt-7: table 'deep/b'.*falling back"):
+        _, path = restore(tmp_path, *fresh)
+    assert path.name == "ckpt-5"
+    assert_same_state(gathered_state(*fresh), wants[5])
+    (tmp_path / "ckpt-5" / "dense.npz").unlink()
+    with pytest.warns(UserWarning, match="falling back"):
+        _, path = restore(tmp_path, *build(seed=6))
+    assert path.name == "ckpt-3"
+    # a new full one: ckpt-5 goes, ckpt-3 stays while ckpt-7 (kept) needs it; after the next, both go
+    late_batches(model, wo, do, rt, first=7, steps=1)
+    save_delta(tmp_path, None, model, wo, do, rt, step=8)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt-3", "ckpt-7", "ckpt-8"]
+    save_delta(tmp_path, None, model, wo, do, rt, step=9)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt-8", "ckpt-9"]

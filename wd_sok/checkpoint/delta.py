@@ -18,6 +18,13 @@ names, ``.npy`` files, size and CRC32 in the manifest as in a full checkpoint):
   that took its row (the delta's positions carry the evictions: no key of the base survives a position the
   delta rewrote), and positions past the base's count are new rows. The writer ranks must be the base's.
 
+Written by :func:`wd_sok.checkpoint.writer.save` with ``base=`` (same collective protocol, commit and
+retention; retention never removes a full checkpoint that a kept delta names, :func:`bases_needed`); each
+rank's files come from :func:`write_rows` / :func:`write_keyed` (the full writer's SequentialWriter path).
+:func:`wd_sok.checkpoint.reader.read_one` restores a delta with its base, so ``restore_latest`` takes the
+newest delta and, when it or its base is damaged, falls back to the previous delta or the full one, every
+rank agreeing as for full checkpoints.
+
 Restore (:func:`read_pair`, one rank, no collectives): the base's dense state first (the optimizers' step
 counters at the base's step), the base's rows (each rank reads only blocks holding rows it owns), then the
 delta's dense state (counters at the delta's step) and the delta's rows this rank owns (global ids in the
@@ -32,8 +39,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import time
 import warnings
 import zlib
 from pathlib import Path
@@ -43,13 +48,10 @@ import numpy as np
 import tensorflow as tf
 
 from wd_sok import changes
-from wd_sok.checkpoint import keyed, reader, writer
-from wd_sok.checkpoint.directio import RangeReader, SequentialWriter
+from wd_sok.checkpoint import keyed, reader
 from wd_sok.checkpoint.format import (
     DENSE,
     MANIFEST,
-    TMP_PREFIX,
-    CheckpointError,
     CorruptCheckpoint,
     block_rows,
     read_manifest,
@@ -57,9 +59,9 @@ from wd_sok.checkpoint.format import (
     shard_file,
     write_npy_header,
 )
-from wd_sok.distributed import Runtime
 from wd_sok.optim import write_slot_rows
 from wd_sok.state import KeyedTableState, State, TableState
+from wd_sok.storage.paths import open_binary, open_ranges, open_sequential
 
 KIND = "delta"
 PLACEMENT = "delta: the shard's row file holds each row's global id"
@@ -76,80 +78,47 @@ def base_ref(base: Path) -> dict[str, Any]:
     return {"step": int(json.loads(data)["step"]), "path": base.name, "crc32": zlib.crc32(data)}
 
 
-def changed_rows(tables: list[State]) -> int:
-    """Rows this rank's delta would hold now, over all tables (for the full-or-delta choice)."""
-    return sum(int(s.changed_rows().size if isinstance(s, KeyedTableState) else s.changed_saved().size)
-               for s in tables)
+def sizes(tables: list[State]) -> tuple[int, int]:
+    """(bytes this rank's delta would write now, bytes its full checkpoint would write) over ``tables``, table
+    files only (the dense state is in both): the full-or-delta choice sums them over ranks."""
+    out, full = 0, 0
+    for s in tables:
+        width = s.table.dim * 4 * sum(a not in keyed.INT_ARRAYS for a in s.arrays()) + 8 * sum(
+            a in keyed.INT_ARRAYS for a in s.arrays())
+        if isinstance(s, KeyedTableState):
+            rows, changed = s.count(), int(s.changed_rows().size)
+        else:
+            rows, changed = s.rows.count, int(s.changed_saved().size)
+        full += rows * width
+        out += changed * (width + 8)
+    return out, full
 
 
-def save_delta(model_dir: str | Path, step: int, base: Path, tables: list[State],
-               dense: dict[str, np.ndarray] | None, meta: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
-    """Write delta checkpoint ``ckpt-<step>`` against full checkpoint folder ``base`` (collective, like
-    :func:`wd_sok.checkpoint.writer.save`; no retention here).
-
-    Returns:
-        ``{"path", "bytes" (this rank's), "seconds" (this rank's writing), "total_bytes", "rows" (this rank's)}``.
-    Raises:
-        CheckpointError (on every rank) when any rank failed; nothing is left under a ``ckpt-*`` name then.
-    """
-    model_dir = Path(model_dir)
-    final, tmp = model_dir / f"ckpt-{step}", model_dir / f"{TMP_PREFIX}{step}"
-    problem, ref = "", {}
-    if runtime.is_chief:
+def bases_needed(folders: list[Path]) -> set[str]:
+    """Names of the full checkpoints the deltas among ``folders`` are written against (retention keeps them)."""
+    needed = set()
+    for folder in folders:
         try:
-            ref = base_ref(base)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        except (OSError, ValueError, KeyError) as e:
-            problem = f"base {base} or {tmp}: {e}"
-    problem, ref = runtime.broadcast_object((problem, ref), "delta_dir")
-    if problem:
-        raise CheckpointError(f"delta checkpoint at step {step} not saved: {problem}")
-    t0 = time.perf_counter()
-    record: dict[str, Any] = {"rank": runtime.rank, "tables": {}, "files": {}, "error": "", "rows": 0}
-    try:
-        for state in tables:
-            write = _write_keyed if isinstance(state, KeyedTableState) else _write_rows
-            record["tables"][state.key] = shard = write(tmp, state, runtime.rank, runtime.size, record["files"])
-            record["rows"] += shard.get("changed", shard["count"])
-    except Exception as e:  # noqa: BLE001 - any failure becomes the agreed verdict, after the collective
-        record["error"] = f"rank {runtime.rank}: {type(e).__name__}: {e}"
-    seconds = time.perf_counter() - t0
-    records = runtime.allgather_object(record, "delta_records")
-    outcome = {"path": str(final), "error": next((r["error"] for r in records if r["error"]), "")}
-    if runtime.is_chief:
-        try:
-            if outcome["error"]:
-                raise CheckpointError(outcome["error"])
-            info = {s.key: keyed.table_info(s) if isinstance(s, KeyedTableState) else
-                    {"cardinality": s.table.cardinality, "dim": s.table.dim, "dtype": "float32",
-                     "placement": PLACEMENT} for s in tables}
-            writer._commit(tmp, final, step, records, dense,  # noqa: SLF001 - the full writer's commit
-                           {**meta, "kind": KIND, "base": ref, "tables": info}, runtime.size)
-        except Exception as e:  # noqa: BLE001
-            outcome["error"] = outcome["error"] or f"{type(e).__name__}: {e}"
-            shutil.rmtree(tmp, ignore_errors=True)
-    outcome = runtime.broadcast_object(outcome, "delta_outcome")
-    if outcome["error"]:
-        raise CheckpointError(f"delta checkpoint at step {step} not saved: {outcome['error']}")
-    return {"path": outcome["path"], "bytes": sum(f["bytes"] for f in record["files"].values()),
-            "seconds": seconds, "rows": record["rows"],
-            "total_bytes": sum(f["bytes"] for r in records for f in r["files"].values())}
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(manifest, dict) and is_delta(manifest):
+            needed.add(str(manifest.get("base", {}).get("path", "")))
+    return needed
 
 
 def _put(folder: Path, name: str, shape: tuple[int, ...], dtype: type, blocks: Any, files: dict) -> None:
     """One .npy file from ``blocks`` (arrays written in order, each while the next is read), fsynced."""
     header = io.BytesIO()
     write_npy_header(header, shape, dtype)
-    with SequentialWriter(folder / name) as f:  # the full writer's path (O_DIRECT where possible, CRC32)
+    with open_sequential(folder / name) as f:  # the full writer's path (O_DIRECT, CRC32; URLs: multipart)
         f.write(header.getvalue())
         for block in blocks:
             f.write_behind(np.ascontiguousarray(block, dtype))
     files[name] = {"bytes": f.size, "crc32": f.crc}
 
 
-def _write_rows(folder: Path, state: TableState, rank: int, world: int, files: dict) -> dict[str, Any]:
+def write_rows(folder: Path, state: TableState, rank: int, world: int, files: dict) -> dict[str, Any]:
     """This rank's changed rows of one fixed table: global ids, then each array's rows."""
     saved, dim = state.changed_saved(), state.table.dim
     m, step = int(saved.size), block_rows(dim)
@@ -166,7 +135,7 @@ def _write_rows(folder: Path, state: TableState, rank: int, world: int, files: d
     return shard
 
 
-def _write_keyed(folder: Path, state: KeyedTableState, rank: int, world: int, files: dict) -> dict[str, Any]:
+def write_keyed(folder: Path, state: KeyedTableState, rank: int, world: int, files: dict) -> dict[str, Any]:
     """This rank's changed positions of one dynamic table, with every per-row array, and all pending keys."""
     pos, dim = state.changed_rows(), state.table.dim
     m, step = int(pos.size), block_rows(dim)
@@ -245,7 +214,7 @@ def _array(folder: Path, key: str, name: str, files: dict, rows: int, check: boo
             raise CorruptCheckpoint(f"{where}: {size} bytes, the manifest says {files.get(name, {}).get('bytes')}")
         if check:
             crc = 0
-            with open(path, "rb") as f:
+            with open_binary(path) as f:
                 while chunk := f.read(8 << 20):
                     crc = zlib.crc32(chunk, crc)
             if crc != files[name].get("crc32"):
@@ -277,13 +246,13 @@ def _apply_rows(folder: Path, state: TableState, entry: dict[str, Any], files: d
         for array in (a for a in state.arrays() if a in entry["arrays"]):
             name, where = shard["files"][array], f"{folder}: table '{state.key}' ({shard['files'][array]})"
             _array(folder, state.key, name, files, m, check=False)  # size and shape
-            with open(folder / name, "rb") as f:
+            with open_binary(folder / name) as f:
                 _, _, offset = read_npy_header(f)
                 f.seek(0)
                 crc = zlib.crc32(f.read(offset))
             spans = [(offset + lo * dim * 4, (min(m, lo + step) - lo) * dim * 4) for lo in blocks]
             done = 0
-            with RangeReader(folder / name, crc) as f:
+            with open_ranges(folder / name, crc) as f:
                 for lo, data in zip(blocks, f.ranges(spans), strict=True):
                     hi = min(m, lo + step)
                     block = data.view(np.float32).reshape(hi - lo, dim)[mask[lo:hi]]
