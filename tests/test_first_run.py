@@ -211,3 +211,45 @@ def test_a_rank_that_cannot_import_horovod_refuses_in_one_line(tiny_dataset: Pat
         "wd-sok: started as one of 3 processes (OMPI_COMM_WORLD_SIZE=3) but Horovod is not installed here, so this "
         "process cannot join them; install it (make setup-dist) or run one process"], proc.stderr
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- bench-quick verdicts
+def _bench_quick():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_quick
+
+    return bench_quick
+
+
+def test_bench_quick_ladder_verdicts_use_fastest_repetitions() -> None:
+    """Two of planned's three repetitions slowed by other work: the medians say 1.40 (NOT MET), the fastest
+    repetitions 100 / 99 (MET), and the line says the margin is inside the repetitions' spread."""
+    def row(backend: str, rows: int, samples: list[float]) -> dict:
+        return {"backend": backend, "np": 1, "rows": rows, "step_ms_samples": samples, "emb_vs_total_over_n": 1.0}
+
+    out = _bench_quick().ladder_verdicts([
+        row("reference", 10_000, [200, 210, 205]), row("sharded", 10_000, [99, 100, 101]),
+        row("planned", 10_000, [100, 150, 140]),
+        row("reference", 1_000_000, [500, 520, 510]), row("sharded", 1_000_000, [110, 112, 111]),
+        row("planned", 1_000_000, [130, 131, 132])])
+    low, high = out["planned_step"]["np1/r1e+04"], out["planned_step"]["np1/r1e+06"]
+    assert low["met"] and low["ratio"] == pytest.approx(100 / 99) and low["close"]
+    assert low["margin"] == pytest.approx(1.05 / (100 / 99) - 1) and low["noise"] == pytest.approx(0.5)
+    assert not high["met"] and high["ratio"] == pytest.approx(130 / 110) and not high["close"]
+    flat = out["flat_step_time"]["sharded/np1"]
+    assert flat["met"] and flat["ratio"] == pytest.approx(110 / 99) and flat["noise"] == pytest.approx(101 / 99 - 1)
+    speed = out["speedup_at_max_rows"]["sharded/np1"]
+    assert speed["met"] is None and speed["ratio"] == pytest.approx(500 / 110)  # 1e6 rows: no verdict
+    assert out["bytes_per_rank"] == {}
+
+
+def test_bench_quick_throughput_verdict_uses_fastest_repetitions() -> None:
+    out = _bench_quick().throughput_verdicts({
+        "fp32": {"goal": 0.90, "matmul_dtype": "float32", "train_samples_per_s_reps": [5200, 3000, 5100],
+                 "bound_samples_per_s_reps": [5600, 4000, 5500]},
+        "fp32_merlin_spin": {"goal": None, "matmul_dtype": "float32", "train_samples_per_s_reps": [1],
+                             "bound_samples_per_s_reps": [1]}})
+    assert list(out) == ["fp32_bound"]  # the spinning loader has no target
+    t = out["fp32_bound"]
+    assert t["met"] and t["ratio"] == pytest.approx(5200 / 5600)  # the disturbed repetition alone: 0.75
+    assert t["noise"] == pytest.approx(5200 / 3000 - 1) and t["close"]
