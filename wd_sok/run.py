@@ -105,9 +105,6 @@ def _check_writable(flag: str, path: str) -> None:
     """Create ``path`` if needed and prove a file can be written there; else a ValueError naming the flag.
     A URL (model_dir, export_dir) gets a tiny object written and deleted; results_dir must be local."""
     if storage.is_url(path):
-        if flag == "model_dir":  # until the checkpoint package writes through wd_sok.storage (issue 24, phase 2)
-            raise ValueError(f"--model_dir {path}: checkpoints on object storage are not supported yet; "
-                             "give a local or shared folder")
         if flag == "results_dir":
             raise ValueError(f"--results_dir {path}: logs are written locally by rank 0; give a local folder")
         try:

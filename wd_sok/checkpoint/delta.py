@@ -49,7 +49,6 @@ import tensorflow as tf
 
 from wd_sok import changes
 from wd_sok.checkpoint import keyed, reader
-from wd_sok.checkpoint.directio import RangeReader, SequentialWriter
 from wd_sok.checkpoint.format import (
     DENSE,
     MANIFEST,
@@ -62,6 +61,7 @@ from wd_sok.checkpoint.format import (
 )
 from wd_sok.optim import write_slot_rows
 from wd_sok.state import KeyedTableState, State, TableState
+from wd_sok.storage.paths import open_binary, open_ranges, open_sequential
 
 KIND = "delta"
 PLACEMENT = "delta: the shard's row file holds each row's global id"
@@ -111,7 +111,7 @@ def _put(folder: Path, name: str, shape: tuple[int, ...], dtype: type, blocks: A
     """One .npy file from ``blocks`` (arrays written in order, each while the next is read), fsynced."""
     header = io.BytesIO()
     write_npy_header(header, shape, dtype)
-    with SequentialWriter(folder / name) as f:  # the full writer's path (O_DIRECT where possible, CRC32)
+    with open_sequential(folder / name) as f:  # the full writer's path (O_DIRECT, CRC32; URLs: multipart)
         f.write(header.getvalue())
         for block in blocks:
             f.write_behind(np.ascontiguousarray(block, dtype))
@@ -214,7 +214,7 @@ def _array(folder: Path, key: str, name: str, files: dict, rows: int, check: boo
             raise CorruptCheckpoint(f"{where}: {size} bytes, the manifest says {files.get(name, {}).get('bytes')}")
         if check:
             crc = 0
-            with open(path, "rb") as f:
+            with open_binary(path) as f:
                 while chunk := f.read(8 << 20):
                     crc = zlib.crc32(chunk, crc)
             if crc != files[name].get("crc32"):
@@ -246,13 +246,13 @@ def _apply_rows(folder: Path, state: TableState, entry: dict[str, Any], files: d
         for array in (a for a in state.arrays() if a in entry["arrays"]):
             name, where = shard["files"][array], f"{folder}: table '{state.key}' ({shard['files'][array]})"
             _array(folder, state.key, name, files, m, check=False)  # size and shape
-            with open(folder / name, "rb") as f:
+            with open_binary(folder / name) as f:
                 _, _, offset = read_npy_header(f)
                 f.seek(0)
                 crc = zlib.crc32(f.read(offset))
             spans = [(offset + lo * dim * 4, (min(m, lo + step) - lo) * dim * 4) for lo in blocks]
             done = 0
-            with RangeReader(folder / name, crc) as f:
+            with open_ranges(folder / name, crc) as f:
                 for lo, data in zip(blocks, f.ranges(spans), strict=True):
                     hi = min(m, lo + step)
                     block = data.view(np.float32).reshape(hi - lo, dim)[mask[lo:hi]]

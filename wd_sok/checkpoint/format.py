@@ -1,7 +1,9 @@
 """The sharded checkpoint format: one folder per step, one file per (table, array, writing rank), a manifest.
 
 Layout of ``<model_dir>/ckpt-<step>/`` (written as ``.tmp-ckpt-<step>/`` and renamed when complete; named
-``ckpt-<step>-<run>`` when another run's checkpoint holds ``ckpt-<step>``, see :mod:`wd_sok.checkpoint.lineage`)::
+``ckpt-<step>-<run>`` when another run's checkpoint holds ``ckpt-<step>``, see :mod:`wd_sok.checkpoint.lineage`).
+``model_dir`` may be a URL (``s3://bucket/run``, :mod:`wd_sok.storage`): object stores have no rename, so the
+objects are written under ``ckpt-<step>/`` directly and the manifest, uploaded last, is the commit::
 
     manifest.json                      written last (a step exists iff its manifest does)
     dense.npz                          replicated state: MLP and wide weights, their slots, iteration counters
@@ -28,13 +30,15 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import zlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+
+from wd_sok.storage.paths import AnyPath, is_object_path, rmtree
+from wd_sok.storage.paths import path as storage_path
 
 FORMAT = "wd-sok-checkpoint"
 VERSION = 1
@@ -82,22 +86,24 @@ def block_rows(dim: int) -> int:
     return max(1, BLOCK_BYTES // (4 * max(dim, 1)))
 
 
-def list_legacy(model_dir: str | Path) -> list[Path]:
+def list_legacy(model_dir: str | Path) -> list[AnyPath]:
     """Checkpoints of the earlier single-file format (``ckpt-<step>.npz``), oldest first."""
-    d = Path(model_dir)
+    d = storage_path(model_dir)
     if not d.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in d.iterdir() if (m := LEGACY_RE.match(p.name))]
     return [p for _, p in sorted(found)]
 
 
-def clean_temporaries(model_dir: str | Path) -> list[Path]:
+def clean_temporaries(model_dir: str | Path) -> list[AnyPath]:
     """Remove what killed saves left (``.tmp-ckpt-*`` folders, step folders without a manifest); returns them.
 
     A step folder moved aside for a same-run replacement (``.old-ckpt-*``) goes back to its name if the
     replacement never arrived, else it is removed. Call on one rank at start-up, before any rank can save.
+    On object storage (a URL) the partial objects of a killed save are those under a step prefix with no
+    manifest: they are removed the same way (no ``.tmp-`` or ``.old-`` prefixes are written there).
     """
-    d = Path(model_dir)
+    d = storage_path(model_dir)
     if not d.is_dir():
         return []
     stale = []
@@ -108,18 +114,18 @@ def clean_temporaries(model_dir: str | Path) -> list[Path]:
             home = d / p.name[len(OLD_PREFIX):]
             if not (home / MANIFEST).is_file():
                 if home.exists():
-                    shutil.rmtree(home, ignore_errors=True)
-                os.replace(p, home)
+                    rmtree(home)
+                os.replace(p, home)  # local only: object stores never get an .old- prefix
                 continue
             stale.append(p)
         elif p.name.startswith(TMP_PREFIX) or (CKPT_RE.match(p.name) and not (p / MANIFEST).is_file()):
             stale.append(p)
     for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
+        rmtree(p)
     return stale
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: AnyPath) -> dict[str, Any]:
     """The manifest of checkpoint ``folder``: CorruptCheckpoint if unreadable or damaged (a field missing or of
     the wrong type: older checkpoints may still be usable), IncompatibleCheckpoint if too new."""
     path = folder / MANIFEST
@@ -177,8 +183,11 @@ def read_npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, int]:
     return tuple(shape), dtype, f.tell()
 
 
-def write_durable(path: Path, data: bytes) -> dict[str, int]:
-    """Write a small file and fsync it; its manifest entry ``{bytes, crc32}``."""
+def write_durable(path: AnyPath, data: bytes) -> dict[str, int]:
+    """Write a small file and fsync it (an object: one PUT); its manifest entry ``{bytes, crc32}``."""
+    if is_object_path(path):
+        path.write_bytes(data)
+        return {"bytes": len(data), "crc32": zlib.crc32(data)}
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -186,8 +195,10 @@ def write_durable(path: Path, data: bytes) -> dict[str, int]:
     return {"bytes": len(data), "crc32": zlib.crc32(data)}
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file inside ``path`` durable."""
+def fsync_dir(path: AnyPath) -> None:
+    """Make a rename or a new file inside ``path`` durable (nothing to do on object stores)."""
+    if is_object_path(path):
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

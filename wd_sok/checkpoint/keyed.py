@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from wd_sok.checkpoint.directio import SequentialWriter
 from wd_sok.checkpoint.format import CorruptCheckpoint, block_rows, read_npy_header, shard_file, write_npy_header
 from wd_sok.state import KeyedTableState
+from wd_sok.storage.paths import AnyPath, open_binary, open_sequential
 
 PLACEMENT = "dynamic"
 INT_ARRAYS = ("key", "count", "last", "pending_key", "pending_count")
@@ -60,7 +60,7 @@ def write_keyed(folder: Path, state: KeyedTableState, rank: int, world: int, fil
         name = shard_file(state.key, array, rank, world)
         header = io.BytesIO()
         write_npy_header(header, shape, dtype)
-        with SequentialWriter(folder / name) as f:
+        with open_sequential(folder / name) as f:  # O_DIRECT + fsync; object stores: multipart upload
             f.write(header.getvalue())
             for block in blocks:
                 f.write_behind(np.ascontiguousarray(block, dtype))
@@ -114,7 +114,7 @@ def _blocks(folder: Path, state: KeyedTableState, names: dict[str, str], files: 
     try:
         for array, name in names.items():
             where = f"{folder}: table '{state.key}' ({name})"
-            f = open(_check_size(folder, state, name, files), "rb")  # noqa: SIM115 - closed in finally
+            f = open_binary(_check_size(folder, state, name, files))  # closed in finally; remote: ranged GETs
             opened[array] = (f, np.dtype(np.int64), 1)
             try:
                 shape, dtype, offset = read_npy_header(f)
@@ -149,7 +149,7 @@ def _blocks(folder: Path, state: KeyedTableState, names: dict[str, str], files: 
                                     "manifest (damaged file)")
 
 
-def _check_size(folder: Path, state: KeyedTableState, name: str, files: dict[str, dict]) -> Path:
+def _check_size(folder: AnyPath, state: KeyedTableState, name: str, files: dict[str, dict]) -> AnyPath:
     path = folder / name
     try:
         size = path.stat().st_size

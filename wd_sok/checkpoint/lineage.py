@@ -22,20 +22,21 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wd_sok.checkpoint.format import CKPT_RE, MANIFEST, list_legacy
+from wd_sok.storage.paths import AnyPath, rmtree
+from wd_sok.storage.paths import path as storage_path
 
 
 @dataclass(frozen=True)
 class Entry:
     """One committed checkpoint folder (it has a manifest) as the listing sees it."""
 
-    path: Path
+    path: AnyPath
     step: int
     run: str  # "" for checkpoints written before lineage, or whose manifest is unreadable
     commit: int  # 0 for the same
@@ -63,7 +64,7 @@ def spec_fingerprint(spec: dict[str, Any]) -> str:
 def scan(model_dir: str | Path) -> list[Entry]:
     """Committed checkpoints of ``model_dir`` (folders ``ckpt-<step>[-<run>]`` with a manifest), oldest commit
     first (ties, and checkpoints without lineage, by step)."""
-    d = Path(model_dir)
+    d = storage_path(model_dir)
     if not d.is_dir():
         return []
     found = []
@@ -86,16 +87,16 @@ def next_commit(entries: list[Entry]) -> int:
     return 1 + max((e.commit for e in entries), default=0)
 
 
-def folder_for(model_dir: str | Path, step: int, run: str, entries: list[Entry]) -> Path:
+def folder_for(model_dir: str | Path, step: int, run: str, entries: list[Entry]) -> AnyPath:
     """Where ``run`` commits step ``step``: ``ckpt-<step>``, unless another run's checkpoint holds that name."""
-    plain = Path(model_dir) / f"ckpt-{step}"
+    plain = storage_path(model_dir) / f"ckpt-{step}"
     taken = next((e for e in entries if e.path.name == plain.name), None)
     if taken is None or (taken.run == run and run):
         return plain
-    return Path(model_dir) / f"ckpt-{step}-{run}"
+    return storage_path(model_dir) / f"ckpt-{step}-{run}"
 
 
-def expired(entries: list[Entry], run: str, keep: int, just_written: Path) -> list[Path]:
+def expired(entries: list[Entry], run: str, keep: int, just_written: AnyPath) -> list[AnyPath]:
     """Checkpoints of ``run`` beyond the newest ``keep`` by commit order (never ``just_written``)."""
     mine = [e.path for e in entries if e.run == run and run]
     return [p for p in mine[:-keep] if p != just_written] if keep > 0 else []
@@ -117,17 +118,18 @@ def fresh_run_refusal(model_dir: str | Path) -> str | None:
             "checkpoint is committed), or choose another --model_dir")
 
 
-def overwritten(model_dir: str | Path) -> list[Path]:
+def overwritten(model_dir: str | Path) -> list[AnyPath]:
     """What ``--overwrite`` will remove after the new run's first commit: every checkpoint present now."""
     return [e.path for e in scan(model_dir)] + list_legacy(model_dir)
 
 
-def remove(paths: list[Path]) -> int:
-    """Delete checkpoints (folders, or earlier single-file ``.npz``); returns how many were there."""
+def remove(paths: list[AnyPath]) -> int:
+    """Delete checkpoints (folders, manifest first, or earlier single-file ``.npz``); returns how many were
+    there."""
     gone = 0
     for p in paths:
         if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+            rmtree(p, first=MANIFEST)
             gone += 1
         elif p.exists():
             p.unlink(missing_ok=True)
@@ -140,6 +142,6 @@ def lineage_fields(run: str, commit: int, fingerprint: str) -> dict[str, Any]:
     return {"run": run, "commit": commit, "spec_fingerprint": fingerprint}
 
 
-def list_checkpoints(model_dir: str | Path) -> list[Path]:
+def list_checkpoints(model_dir: str | Path) -> list[AnyPath]:
     """Committed checkpoint folders of ``model_dir``, oldest commit first (:func:`scan`)."""
     return [e.path for e in scan(model_dir)]

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from wd_sok.checkpoint import keyed, lineage
-from wd_sok.checkpoint.directio import RangeReader
 from wd_sok.checkpoint.format import (
     DENSE,
     MANIFEST,
@@ -40,8 +39,11 @@ from wd_sok.checkpoint.format import (
 )
 from wd_sok.distributed import Runtime
 from wd_sok.state import KeyedTableState, State, TableState
+from wd_sok.storage.paths import AnyPath, open_binary, open_ranges
+from wd_sok.storage.paths import path as storage_path
 
 DenseImport = Callable[[dict[str, np.ndarray], str], None]
+HEAD_BYTES = 4096  # read at once for a .npy header (wd-sok's are 128 bytes)
 
 
 def restore_latest(model_dir: str | Path, tables: list[State], import_dense: DenseImport,
@@ -71,7 +73,7 @@ def restore_latest(model_dir: str | Path, tables: list[State], import_dense: Den
         raise NoCheckpoint(f"--use_checkpoint: no checkpoint (ckpt-<step>/{MANIFEST}) in {model_dir}")
     last = ""
     for name in names:
-        path = Path(model_dir) / name
+        path = storage_path(model_dir) / name  # a Path, or an ObjectPath for a URL (wd_sok.storage)
         kind, message, manifest = "", "", {}
         try:
             manifest = read_one(path, tables, import_dense)
@@ -182,7 +184,13 @@ def _read_whole(folder: Path, name: str, files: dict[str, dict], what: str) -> b
     return data
 
 
-def _read_shard(folder: Path, state: TableState, array: str, shard: dict[str, Any],
+def _head(path: AnyPath, length: int = HEAD_BYTES) -> bytes:
+    """The first ``length`` bytes of a file (fewer if it is shorter): room for any header wd-sok writes."""
+    with open_binary(path) as f:
+        return f.read(length)
+
+
+def _read_shard(folder: AnyPath, state: TableState, array: str, shard: dict[str, Any],
                 files: dict[str, dict]) -> None:
     """Copy the rows of one shard file that this rank owns into ``state``'s ``array``; a file holding none of
     them is not opened at all."""
@@ -206,7 +214,7 @@ def _read_shard(folder: Path, state: TableState, array: str, shard: dict[str, An
     if size != want.get("bytes"):
         raise CorruptCheckpoint(f"{where}: {size} bytes, the manifest says {want.get('bytes')} (truncated?)")
     whole = len(blocks) == -(-count // step)  # every block read: the checksum can be verified
-    with open(path, "rb") as f:
+    with io.BytesIO(_head(path)) as f:  # one read (one ranged GET remotely) for the header
         try:
             shape, dtype, offset = read_npy_header(f)
         except ValueError as e:
@@ -216,7 +224,7 @@ def _read_shard(folder: Path, state: TableState, array: str, shard: dict[str, An
     if shape != (count, dim) or dtype != np.float32:
         raise CorruptCheckpoint(f"{where}: holds {shape} {dtype}, the manifest says ({count}, {dim}) float32")
     spans = [(offset + lo * dim * 4, (min(count, lo + step) - lo) * dim * 4) for lo in blocks]
-    with RangeReader(path, crc) as f:  # O_DIRECT where possible; the next block is read meanwhile
+    with open_ranges(path, crc) as f:  # O_DIRECT where possible, ranged GETs remotely; next block meanwhile
         for lo, data in zip(blocks, f.ranges(spans), strict=True):
             hi, mask, var_rows = owned(lo)
             if data.size != (hi - lo) * dim * 4:

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from wd_sok.checkpoint import delta, keyed, lineage
-from wd_sok.checkpoint.directio import SequentialWriter
 from wd_sok.checkpoint.format import (
     DENSE,
     FORMAT,
@@ -38,6 +37,8 @@ from wd_sok.checkpoint.format import (
 )
 from wd_sok.distributed import Runtime
 from wd_sok.state import KeyedTableState, State, TableState
+from wd_sok.storage.paths import AnyPath, is_object_path, open_sequential, rmtree
+from wd_sok.storage.paths import path as storage_path
 
 
 def save(model_dir: str | Path, step: int, tables: list[State], dense: dict[str, np.ndarray] | None,
@@ -65,7 +66,7 @@ def save(model_dir: str | Path, step: int, tables: list[State], dense: dict[str,
         CheckpointError (on every rank) when any rank failed, whatever the exception; nothing is left under a
         ``ckpt-*`` name then and no rank is left waiting in a collective.
     """
-    model_dir = Path(model_dir)
+    model_dir = storage_path(model_dir)  # a Path, or an ObjectPath for a URL (wd_sok.storage)
     tmp = model_dir / f"{TMP_PREFIX}{step}"
     problem, final, commit, extra = "", model_dir / f"ckpt-{step}", 0, {}
     if runtime.is_chief:
@@ -75,14 +76,16 @@ def save(model_dir: str | Path, step: int, tables: list[State], dense: dict[str,
             entries = lineage.scan(model_dir)
             commit = lineage.next_commit(entries)
             final = lineage.folder_for(model_dir, step, str(meta.get("run", "")), entries)
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            if is_object_path(final):  # no rename on object stores: written in place, the manifest last commits
+                tmp = final
+            if tmp.exists():  # an object store's same-run step saved before: its manifest goes first
+                rmtree(tmp, first=MANIFEST)
             tmp.mkdir(parents=True)
         except OSError as e:
             problem = f"cannot create {tmp} ({e.strerror})"
         except Exception as e:  # noqa: BLE001 - any failure becomes the agreed verdict
             problem = f"{tmp}: {type(e).__name__}: {e}"
-    problem = runtime.broadcast_object(problem, "ckpt_dir")
+    problem, tmp = runtime.broadcast_object((problem, tmp), "ckpt_dir")
     if problem:
         raise CheckpointError(f"checkpoint at step {step} not saved: {problem}")
 
@@ -121,14 +124,14 @@ def save(model_dir: str | Path, step: int, tables: list[State], dense: dict[str,
         except Exception as e:  # noqa: BLE001 - any failure becomes the agreed verdict
             outcome["error"] = outcome["error"] or (str(e) if isinstance(e, OSError | CheckpointError)
                                                     else f"{type(e).__name__}: {e}")
-            shutil.rmtree(tmp, ignore_errors=True)
+            rmtree(tmp, first=MANIFEST)
         if not outcome["error"]:  # committed: this run's older checkpoints beyond `keep` go, nobody else's
             entries = lineage.scan(model_dir)
             expired = lineage.expired(entries, str(meta.get("run", "")), keep, final)
             needed = delta.bases_needed([e.path for e in entries if e.path not in expired])
             for old in expired:
                 if old.name not in needed:  # a kept delta's base stays
-                    shutil.rmtree(old, ignore_errors=True)
+                    rmtree(old, first=MANIFEST)
     outcome = runtime.broadcast_object(outcome, "ckpt_outcome")
     if outcome["error"]:
         raise CheckpointError(f"checkpoint at step {step} not saved: {outcome['error']}")
@@ -136,7 +139,7 @@ def save(model_dir: str | Path, step: int, tables: list[State], dense: dict[str,
             "total_bytes": sum(f["bytes"] for r in records for f in r["files"].values())}
 
 
-def _write_table(folder: Path, state: TableState, runtime: Runtime, files: dict[str, dict]) -> dict[str, Any]:
+def _write_table(folder: AnyPath, state: TableState, runtime: Runtime, files: dict[str, dict]) -> dict[str, Any]:
     """Write this rank's rows of every array of one table; returns its shard record."""
     rows, dim = state.rows, state.table.dim
     shard = {"rank": runtime.rank, "start": rows.start, "stride": rows.stride, "count": rows.count, "files": {}}
@@ -145,7 +148,7 @@ def _write_table(folder: Path, state: TableState, runtime: Runtime, files: dict[
         name = shard_file(state.key, array, runtime.rank, runtime.size)
         header = io.BytesIO()
         write_npy_header(header, (rows.count, dim), np.float32)
-        with SequentialWriter(folder / name) as f:  # O_DIRECT where possible; fsync on close
+        with open_sequential(folder / name) as f:  # O_DIRECT + fsync on close; object stores: multipart upload
             f.write(header.getvalue())  # in the checksum too: a damaged header is a damaged file
             for lo in range(0, rows.count, step):  # block k is written while block k + 1 is read
                 f.write_behind(np.ascontiguousarray(state.read(array, lo, min(rows.count, lo + step)), np.float32))
@@ -154,9 +157,10 @@ def _write_table(folder: Path, state: TableState, runtime: Runtime, files: dict[
     return shard
 
 
-def _commit(tmp: Path, final: Path, step: int, records: list[dict], dense: dict[str, np.ndarray] | None,
+def _commit(tmp: AnyPath, final: AnyPath, step: int, records: list[dict], dense: dict[str, np.ndarray] | None,
             meta: dict[str, Any], world: int) -> None:
-    """Rank 0: dense state, then the manifest, then the rename that makes the step exist."""
+    """Rank 0: dense state, then the manifest, then the rename that makes the step exist (object stores: the
+    manifest's upload does; ``tmp`` is ``final`` there)."""
     files: dict[str, dict] = {}
     for r in records:
         files.update(r["files"])
@@ -177,6 +181,8 @@ def _commit(tmp: Path, final: Path, step: int, records: list[dict], dense: dict[
                 "tables": tables, "files": files}
     write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     fsync_dir(tmp)
+    if tmp == final:  # an object store: the manifest just written is the commit
+        return
     aside = final.parent / f"{OLD_PREFIX}{final.name}"
     if final.exists():  # this run reached this step before (it resumed from an older one): moved aside, not
         os.replace(final, aside)  # deleted, until the new one is in (clean_temporaries puts it back if killed)

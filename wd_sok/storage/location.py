@@ -18,7 +18,12 @@ BUCKETED = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss")
 
 
 class StorageError(OSError):
-    """A storage call failed; ``str()`` is one line naming the location (no credentials)."""
+    """A storage call failed; ``str()`` (and ``strerror``, for code that prints OSErrors by it) is one line
+    naming the location (no credentials)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.strerror = message
 
 
 class NotFound(StorageError, FileNotFoundError):
