@@ -4,10 +4,12 @@
 # TensorFlow 2.12.0 (NGC build, Keras 2.12), Python 3.10, CUDA 12.1, Horovod with NCCL, NVTabular, cuDF and
 # merlin-dataloader 23.08 (GPU preprocessing and loading). Its Sparse Operation Kit is the legacy 1.2.0, whose
 # top level lacks the 2.x API wd-sok calls (sok.init / Variable / lookup_sparse / filter_variables), so
-# scripts/install_sok.sh replaces it with merlin-sok 2.1.0 (HugeCTR 24.06), compiled here against the
-# container's TensorFlow, CUDA and Horovod, as the container built its own SOK. Nothing else NVIDIA built is
-# replaced. The versions are in the labels below and in the README's GPU quick start (tests/test_dockerfile.py
-# checks they agree); scripts/check_tf_compat.sh runs the tests with this TensorFlow version.
+# scripts/install_sok.sh replaces it with SOK 2.1.0 built from HugeCTR tag v25.03.00 (not PyPI's merlin-sok
+# 2.1.0 = HugeCTR 24.06: the same version string, without the find-only lookup wd-sok's dynamic tables need;
+# README, "What SOK features are used"), compiled here against the container's TensorFlow, CUDA and Horovod,
+# as the container built its own SOK. Nothing else NVIDIA built is replaced. The versions are in the labels
+# below and in the README's GPU quick start (tests/test_dockerfile.py checks they agree);
+# scripts/check_tf_compat.sh runs the tests with this TensorFlow version.
 #
 #   docker build -t wd-sok:gpu .
 #   docker run --rm --gpus all --ipc=host --ulimit memlock=-1 -e GPU=8 -v /data:/data wd-sok:gpu \
@@ -22,7 +24,8 @@ LABEL org.opencontainers.image.title="wd-sok" \
       wd-sok.tensorflow="2.12.0" \
       wd-sok.python="3.10" \
       wd-sok.cuda="12.1" \
-      wd-sok.sok="2.1.0"
+      wd-sok.sok="2.1.0" \
+      wd-sok.hugectr="v25.03.00"
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -35,7 +38,7 @@ WORKDIR /workspace/wd-sok
 # SOK 2.x in place of the container's legacy SOK 1.2 (compiles CUDA kernels: the slow step of the build), then
 # the extras wd-sok imports that are not part of the Merlin stack (the spec parser and the learning-curve plot).
 COPY scripts/install_sok.sh ./scripts/install_sok.sh
-RUN bash scripts/install_sok.sh 2.1.0 \
+RUN bash scripts/install_sok.sh 2.1.0 v25.03.00 \
  && python -m pip install --no-cache-dir "pyyaml==6.0.1" "matplotlib==3.8.4"
 
 # The package itself; --no-deps: TensorFlow, Horovod and Merlin stay the container's own builds.

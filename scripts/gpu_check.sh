@@ -15,7 +15,12 @@
 #   3. checkpoints across devices: train on CPU (sharded backend, --cpu, 2 processes), evaluate that checkpoint
 #      with sok on min(NGPUS, 3) GPUs; and the reverse (train with sok, evaluate on CPU). Metrics must equal
 #      the training run's final evaluation (atol 1e-4).
-#   4. throughput: main.py --benchmark with sok at global batch BENCH_BATCH (default 131072, the reference's)
+#   4. dynamic tables (sok.DynamicVariable, tests/dist/dynamic_ckpt.py --rules sok --sok real: capacity 256,
+#      LRU, min_count 1): train + save on D = min(NGPUS, 2) GPUs (with an evaluation lookup of never-trained
+#      ids), restore on 3 - D GPUs (another count when NGPUS >= 2) and on CPU (sharded, 2 processes); every rank
+#      checks its keys, values and slots against the files, and the export serves the saved rows and zeros for
+#      the never-trained ids.
+#   5. throughput: main.py --benchmark with sok at global batch BENCH_BATCH (default 131072, the reference's)
 #      on each GPU count in GPU_COUNTS (default: every n in 1..NGPUS that divides BENCH_BATCH), on
 #      Outbrain-shaped synthetic data (data/outbrain_feature_spec.yaml, 5x1024 MLP).
 # The last lines are one markdown table (environment, one row per check) to paste into a bug report, then the
@@ -41,7 +46,7 @@ NGPUS=""
 for arg in "$@"; do
   case "$arg" in
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) NGPUS="$arg" ;;
   esac
 done
@@ -171,7 +176,29 @@ if [[ "$rc" -eq 0 ]]; then
 fi
 record "restore $BACKEND checkpoint on CPU sharded (2 procs)" "$SMALL" "$rc" "$log" "$(tail -n 1 "$log")"
 
-# ---- 4. throughput at the reference's global batch
+# ---- 4. dynamic tables: SOK on D GPUs -> SOK on another count, and -> CPU sharded; export
+DYN=$(( NGPUS < 2 ? NGPUS : 2 ))
+DYN_OTHER=$(( NGPUS < 2 ? 1 : 3 - DYN ))
+DYN_ARGS=(tests/dist/dynamic_ckpt.py --rules sok --sok real)
+log="$WORK/dynamic_save.log"
+launch "$DYN" "$log" "${DYN_ARGS[@]}" --mode save --backend "$BACKEND" --model_dir "$WORK/ck_dyn" \
+  --out "$WORK/dynamic_save.json"
+rc=$?
+record "dynamic tables: train + save ($BACKEND)" "$DYN" "$rc" "$log" "keys, values, slots saved"
+if [[ "$rc" -eq 0 ]]; then
+  log="$WORK/dynamic_restore_gpu.log"
+  launch "$DYN_OTHER" "$log" "${DYN_ARGS[@]}" --mode restore --backend "$BACKEND" --model_dir "$WORK/ck_dyn" \
+    --out "$WORK/dynamic_restore_gpu.json"
+  record "dynamic tables: restore on $DYN_OTHER GPU(s) + export" "$DYN_OTHER" "$?" "$log" \
+    "every key, value and slot as saved; export serves them, zeros for never-trained ids"
+  log="$WORK/dynamic_restore_cpu.log"
+  launch_cpu 2 "$log" "${DYN_ARGS[@]}" --mode restore --backend sharded --model_dir "$WORK/ck_dyn" \
+    --out "$WORK/dynamic_restore_cpu.json"
+  record "dynamic tables: restore on CPU sharded (2 procs) + export" "0" "$?" "$log" \
+    "every key, value and slot as saved; export serves them, zeros for never-trained ids"
+fi
+
+# ---- 5. throughput at the reference's global batch
 if [[ -z "${GPU_COUNTS:-}" ]]; then
   GPU_COUNTS=""
   for (( n = 1; n <= NGPUS; n++ )); do

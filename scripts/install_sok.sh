@@ -7,11 +7,18 @@
 # top-level 2.x API ships from HugeCTR 23.12 (SOK 2.0.0); merlin-sok 2.1.0 is HugeCTR 24.06. No later Merlin
 # TensorFlow release is pinned by the Merlin repository's support matrix, so the image builds SOK itself.
 #
+# Which source: HugeCTR tag v25.03.00 (the Dockerfile passes it). Its SOK still says 2.1.0, like the PyPI
+# merlin-sok 2.1.0 (HugeCTR 24.06), but its lookup_sparse has use_low_frequency_filter, which wd-sok's dynamic
+# tables need to look up without inserting (README, "What SOK features are used"); PyPI's sdist lacks it. The
+# tag is built as SOK's own setup.py expects: from sparse_operation_kit/ inside a HugeCTR checkout with the
+# json and HierarchicalKV submodules (setup.py copies ../HugeCTR, ../gpu_cache and those two into place).
+#
 # Both SOK versions name their kernels libsparse_operation_kit.so and SOK 2.x looks for it on every sys.path
 # entry, so the legacy package must be gone completely, or 2.x could load 1.2's library.
-# Usage: scripts/install_sok.sh [VERSION]   (default 2.1.0)
+# Usage: scripts/install_sok.sh [VERSION] [HUGECTR_TAG]   (default 2.1.0 from PyPI; with a tag, from that tag)
 set -euo pipefail
 VERSION="${1:-2.1.0}"
+TAG="${2:-}"
 PY="${PYTHON:-python}"
 
 # 1. remove every legacy copy (an egg from `setup.py install`, a dist-info, or a bare package folder)
@@ -26,7 +33,15 @@ done
 # 2. build merlin-sok against the container's TensorFlow (no build isolation, no dependency changes)
 export SOK_COMPILE_UNIT_TEST=OFF  # the Merlin image sets ON for its own CI
 "$PY" -m pip install --no-cache-dir "scikit-build==0.17.6" "ninja==1.11.1.1"
-"$PY" -m pip install --no-cache-dir --no-build-isolation --no-deps "merlin-sok==$VERSION"
+if [[ -n "$TAG" ]]; then
+  src="$(mktemp -d)/HugeCTR"
+  git clone --quiet --depth 1 --branch "$TAG" https://github.com/NVIDIA-Merlin/HugeCTR.git "$src"
+  git -C "$src" submodule update --quiet --init --depth 1 third_party/json third_party/HierarchicalKV
+  (cd "$src/sparse_operation_kit" && "$PY" -m pip install --no-cache-dir --no-build-isolation --no-deps .)
+  rm -rf "$(dirname "$src")"
+else
+  "$PY" -m pip install --no-cache-dir --no-build-isolation --no-deps "merlin-sok==$VERSION"
+fi
 
 # 3. check what was installed without importing it (importing loads CUDA, absent while building)
 "$PY" - "$VERSION" <<'PY'

@@ -9,6 +9,9 @@ same collections, ``restore_latest``, then, independently of the reader, every s
 with numpy (test side only) and each rank checks, for every key of every table, that it holds it iff
 ``owner(k) == rank`` under M, and that its value, slots (legacy-format ``rms``; ``accumulator``,
 ``linear``), ``count`` and ``last`` equal the file's row; the same for the pending keys and the clock.
+With ``--rules none|sok`` the save also looks up ids no step trained (evaluation) and the restore checks they
+were not saved and that an export (wd_sok.export's block copy to rank 0) serves every saved row and the zero row
+for them. ``--sok real`` uses the installed SOK instead of the fake (scripts/gpu_check.sh, on GPUs).
 Rank 0 writes a JSON report to ``--out``; exit 1 on any failure.
 """
 
@@ -85,6 +88,44 @@ def train(model: Model, rank: int, steps: int) -> None:
         step(batch(rank, s))
 
 
+UNSEEN = np.array([2**60 + 1, 2**60 + 2, -(2**59) - 3], np.int64)  # looked up in evaluation only, never trained
+
+
+def look_unseen(model: Model) -> None:
+    """An evaluation lookup of ids no training step saw: no backend may give them rows."""
+    ids = {"u": tf.constant(UNSEEN), "v": tf.RaggedTensor.from_row_lengths(tf.constant(UNSEEN), [1, 1, 1])}
+    for emb in (model.wide_embedding, model.deep_embedding):
+        out = emb(ids, training=False)
+        if any(np.asarray(v).any() for v in out.values()):
+            raise AssertionError("an evaluation lookup of never-trained ids read non-zero rows")
+
+
+def check_export(model: Model, folder: Path, rt: Runtime) -> list[str]:
+    """Export the deep tables the way wd_sok.export does (to rank 0's serving copy): every saved key serves its
+    saved value, the never-trained ids serve the zero row."""
+    from wd_sok.export import _copy_keyed, _replicated_like
+
+    emb = model.deep_embedding
+    serving = type("Serving", (), {"deep_embedding": _replicated_like(emb)})()
+    failures = []
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in ("u", "v"):
+        _copy_keyed(emb, serving if rt.is_chief else None, "deep", name, rt)
+        if not rt.is_chief:
+            continue
+        entry = manifest["tables"][f"deep/{name}"]
+        keys = np.concatenate([np.load(folder / s["files"]["key"]) for s in entry["shards"]])
+        values = np.concatenate([np.load(folder / s["files"]["value"]) for s in entry["shards"]])
+        if np.isin(UNSEEN, keys).any():
+            failures.append(f"deep/{name}: a never-trained id was saved")
+        ids = tf.constant(np.concatenate([keys, UNSEEN]))
+        both = {"u": ids, "v": tf.RaggedTensor.from_row_lengths(ids, tf.ones_like(ids))}
+        got = serving.deep_embedding(both)[name].numpy()
+        if not np.allclose(got[:keys.size], values, rtol=1e-6, atol=1e-7) or got[keys.size:].any():
+            failures.append(f"deep/{name}: the export does not serve the saved rows and zeros for unseen ids")
+    return failures
+
+
 def dense(model: Model) -> dict[str, np.ndarray]:
     return {"opt/wide_iterations": np.int64(model.wide_opt.iterations.numpy()),
             "opt/deep_iterations": np.int64(model.deep_opt.iterations.numpy())}
@@ -140,18 +181,31 @@ def main() -> int:
     parser.add_argument("--mode", choices=("save", "restore"), required=True)
     parser.add_argument("--backend", default="sharded")
     parser.add_argument("--rules", choices=("evict", "none", "sok"), default="evict")
+    parser.add_argument("--sok", choices=("fake", "real"), default="fake",
+                        help="--backend sok with tests/fake_sok.py (CPU) or the installed SOK (GPU)")
     parser.add_argument("--model_dir", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    if args.backend == "sok":
+    if args.backend == "sok" and args.sok == "fake":
         from tests.fake_sok import install
 
         install()
     rt = Runtime()
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:  # one GPU per rank, as main.py does (SOK needs it)
+        gpu = gpus[rt.local_rank % len(gpus)]
+        tf.config.set_visible_devices([gpu], "GPU")
+        tf.config.experimental.set_memory_growth(gpu, True)
     model = Model(args.backend, rt, args.rules)
     report: dict = {"rank": rt.rank, "failures": []}
+    if args.backend == "sok" and args.rules == "sok":
+        kinds = {type(e.part(n)).__name__ for e in (model.wide_embedding, model.deep_embedding) for n in ("u", "v")}
+        if kinds != {"SokDynamicEmbedding"}:
+            report["failures"].append(f"SOK does not hold the dynamic tables (parts: {sorted(kinds)})")
     if args.mode == "save":
         train(model, rt.rank, 6)
+        if args.rules != "evict":  # (the eviction test's tables may drop keys on restore: no export check there)
+            look_unseen(model)
         states = table_states(model, model.wide_opt, model.deep_opt)
         checkpoint.save(args.model_dir, 6, states, dense(model) if rt.is_chief else None,
                         {"epoch": 0, "step_in_epoch": 6}, rt)
@@ -168,6 +222,9 @@ def main() -> int:
         owner_of = model.deep_embedding.parts[0].owner_of_keys
         report["dropped"] = {}
         report["failures"] = check(model, path, rt, owner_of, report["dropped"])
+        if args.rules != "evict":
+            look_unseen(model)
+            report["failures"] += check_export(model, path, rt)
         report["rows"] = {n: int(model.deep_embedding.part(n).keyed_count(n)) for n in ("u", "v")}
     reports = rt.allgather_object(report, "report")
     if rt.is_chief:
