@@ -176,3 +176,25 @@ def test_fewer_files_than_ranks(tiny_dataset: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "1 steps/epoch of 32 samples: 32 of 50 training rows per epoch" in proc.stdout + proc.stderr
+
+
+def test_fresh_run_in_a_used_model_dir_is_refused_and_touches_nothing(tiny_dataset: Path) -> None:
+    """Issue 22: a second fresh run in the same --model_dir deleted its own checkpoints and later resumed the
+    first run's. Now it is refused at start with one line; nothing of the first run changes."""
+    assert _run(tiny_dataset, []).returncode == 0
+    out = tiny_dataset / "out"
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = _run(tiny_dataset, ["--deep_learning_rate", "0.01"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and __import__("re").search(
+        r"--model_dir \S+/out/ckpt holds 1 checkpoint\(s\), latest ckpt-\d+: step \d+, run [0-9a-f]{16}, .* UTC; "
+        r"resume that run with --use_checkpoint .* or start over with --overwrite", errors[0]), proc.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    proc = _run(tiny_dataset, ["--overwrite", "--use_checkpoint"])
+    assert proc.returncode == 2 and "--overwrite starts over; --use_checkpoint yes resumes" in proc.stderr
+    # auto with only damaged checkpoints: refused, not a silent fresh start over them
+    for manifest in out.rglob("manifest.json"):
+        manifest.write_text("{")
+    proc = _run(tiny_dataset, ["--use_checkpoint", "auto"])
+    assert proc.returncode == 2 and "no usable checkpoint in" in proc.stderr, proc.stderr[-2000:]

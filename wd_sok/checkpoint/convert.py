@@ -11,6 +11,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 import time
 import zipfile
@@ -40,12 +41,27 @@ TABLE_GROUPS = ("wide/", "deep/")
 
 
 def convert(npz: Path) -> Path:
-    """Write ``ckpt-<step>/`` beside ``npz`` from it; returns the new folder (left alone if it exists)."""
+    """Write ``ckpt-<step>/`` beside ``npz`` from it; returns the new folder (left alone if it exists).
+
+    Raises CheckpointError (one line naming ``npz``) for anything unreadable in it; nothing is left behind then.
+    """
     step = int(npz.name[len("ckpt-"):-len(".npz")])
     final = npz.parent / f"ckpt-{step}"
     if (final / MANIFEST).exists():
         return final
     tmp = npz.parent / f"{TMP_PREFIX}{step}-convert"
+    try:
+        return _convert(npz, step, tmp, final)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+        raise CheckpointError(f"{npz}: unreadable checkpoint ({what})") from None
+
+
+def _convert(npz: Path, step: int, tmp: Path, final: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     files: dict[str, dict] = {}
     tables: dict[str, dict] = {}
