@@ -40,7 +40,7 @@ What each piece does, and where SOK does it:
 * **assign** (``pkg/dynamic_variable.py:494-517``; ``:516`` casts the indices and drops the result) inserts the
   keys it does not hold: DET looks them up first (inserting) and then scatters the values
   (``det_variable.cu:196``, ``:203``); HKV ``insert_or_assign`` (``hkv_variable.cu:394``), evicting if full.
-* **OptimizerWrapper** (``pkg/optimizer.py:65-88``: a legacy Keras optimizer -> ``OptimizerWrapperV2``,
+* **OptimizerWrapper** (``pkg/optimizer.py:25-88``: a legacy Keras optimizer -> ``OptimizerWrapperV2``, ``:69-71``;
   ``:231-372``). ``__init__`` builds the slots of a [1] dummy variable and keeps them as the initial slot
   values (``:236-249``) and makes its own step counter ``tf.Variable(0)`` (int32, ``:250``). Each slot of a
   dynamic variable is a *separate* DynamicVariable (``_create_slots_dynamic``, ``:263-288``) of the same
