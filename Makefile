@@ -20,7 +20,7 @@ $(DEMO)/feature_spec.yaml: $(SPEC) wd_sok/tools/generate.py | setup
 
 demo: setup $(DEMO)/feature_spec.yaml
 	$(PY) main.py --dataset_path $(DEMO) --model_dir runs/demo/checkpoints --results_dir runs/demo/results \
-	    $(DEMO_ARGS)
+	    --overwrite $(DEMO_ARGS)
 	@echo "Bayes-optimal reference for this data: $$(cat $(DEMO)/generator_report.json)"
 
 test: setup-dist
