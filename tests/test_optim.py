@@ -123,3 +123,29 @@ def test_only_tables_keep_the_last_slot_and_dense_weights_follow_keras_exactly()
     np.testing.assert_array_equal(kb.numpy(), ka.numpy())
     np.testing.assert_array_equal(read_slot(lazy, kb, "rms").numpy(), legacy.get_slot(ka, "rms").numpy())
     np.testing.assert_array_equal(read_slot(lazy, tb, "rms").numpy(), legacy.get_slot(ta, "rms").numpy())
+
+
+@pytest.mark.parametrize("start", [2**24 + 1, 2**31 + 3])
+def test_step_counts_past_float32_precision_follow_legacy_and_numpy(start: int) -> None:
+    """Issue 22: the per-row step bookkeeping is int64. With float32 counts, past 2**24 steps (small batches on
+    a large data set) the owed decays were rounded to 0 or 2 steps: rms and weights drifted from the legacy
+    optimizer's with no warning. Resumed at step ``start`` (as a restore sets it), 25 more steps must match."""
+    rho = 0.5
+    init = np.random.default_rng(7).normal(size=(ROWS, DIM)).astype(np.float32)
+    grads = _grads(25, seed=8)
+    a, b = tf.Variable(init), tf.Variable(init)
+    legacy, lazy = tf.keras.optimizers.legacy.RMSprop(LR, rho=rho), LazyRMSprop(LR, rho=rho)
+    for opt, var in ((legacy, a), (lazy, b)):
+        opt._create_all_weights([var])  # noqa: SLF001 - what wd_sok.embedding.base.ensure_slots does
+        opt.iterations.assign(start)
+        write_slot(opt, var, "rms", np.zeros((ROWS, DIM), np.float32))  # every row current as of `start`
+    assert lazy.get_slot(b, "last").dtype == tf.int64
+    for ids, g in grads:
+        _apply(legacy, a, ids, g)
+        _apply(lazy, b, ids, g)
+    assert int(lazy.iterations.numpy()) == start + 25
+    want_var, want_rms = _numpy_rmsprop(init, grads, rho)
+    np.testing.assert_allclose(b.numpy(), want_var, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(read_slot(lazy, b, "rms").numpy(), want_rms, rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(b.numpy(), a.numpy())
+    np.testing.assert_array_equal(read_slot(lazy, b, "rms").numpy(), legacy.get_slot(a, "rms").numpy())

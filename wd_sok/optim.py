@@ -24,6 +24,7 @@ Dense gradients (the MLP) take the legacy dense path and mark every row up to da
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,8 @@ Optimizer = tf.keras.optimizers.legacy.Optimizer
 class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
     """Legacy RMSprop (momentum 0, not centered) whose sparse update costs O(touched rows); see the module.
 
-    Extra slot ``last``: [rows] float32 per table (``tables``; one float per row). Momentum or centered fall
+    Extra slot ``last``: [rows] int64 per table (``tables``; one step count per row: a float32 count would be
+    exact only up to 2**24 steps, past which the owed decays round to 0 or 2 steps). Momentum or centered fall
     back to the legacy sparse update.
     """
 
@@ -55,7 +57,24 @@ class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
             return
         for var in var_list:
             if var.shape.rank and (self._tables is None or var.ref() in self._tables):
-                self.add_slot(var, "last", initializer="zeros", shape=tf.TensorShape([var.shape[0]]))
+                self._add_step_slot(var)
+
+    def _add_step_slot(self, var: tf.Variable) -> None:
+        """Keras' ``add_slot`` for the int64 ``last`` slot (``add_slot`` gives every slot the variable's dtype)."""
+        keras_optimizer = sys.modules[tf.keras.optimizers.legacy.Optimizer.__module__]
+        slots = self._slots.setdefault(keras_optimizer._var_key(var), {})  # noqa: SLF001
+        if "last" in slots:
+            return
+        if "last" not in self._slot_names:
+            self._slot_names.append("last")
+        with self._distribution_strategy_scope(), \
+                tf.distribute.get_strategy().extended.colocate_vars_with(var):
+            slot = tf.Variable(tf.zeros([var.shape[0]], tf.int64), name=f"{var._shared_name}/last",  # noqa: SLF001
+                               trainable=False)
+        keras_optimizer.backend.track_variable(slot)
+        slots["last"] = slot
+        self._restore_slot_variable(slot_name="last", variable=var, slot_variable=slot)
+        self._weights.append(slot)
 
     def _resource_apply_sparse(self, grad: tf.Tensor, var: tf.Variable, indices: tf.Tensor,
                                apply_state: Any = None) -> tf.Operation:
@@ -65,8 +84,9 @@ class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
         coef = (apply_state or {}).get((var_device, var_dtype)) or self._fallback_apply_state(var_device,
                                                                                               var_dtype)
         rms, last = self.get_slot(var, "rms"), self.get_slot(var, "last")
-        now = tf.cast(self.iterations, var_dtype)
-        decay = tf.pow(coef["rho"], now + 1 - tf.gather(last, indices))  # [n] decays owed, this step's included
+        now = tf.cast(self.iterations, tf.int64)
+        owed = tf.cast(now + 1 - tf.gather(last, indices), var_dtype)  # exact: a count of steps, not a float
+        decay = tf.pow(coef["rho"], owed)  # [n] decays owed, this step's included
         shape = tf.concat([tf.shape(indices), tf.ones([tf.rank(grad) - 1], tf.int32)], 0)
         rms_rows = tf.gather(rms, indices) * tf.reshape(decay, shape) + coef["one_minus_rho"] * grad * grad
         update_rms = rms.scatter_update(tf.IndexedSlices(rms_rows, indices))
@@ -95,7 +115,7 @@ class LazyRMSprop(tf.keras.optimizers.legacy.RMSprop):
         rms, last = self.get_slot(var, "rms"), self.get_slot(var, "last")
         if rows is not None:  # a block of rows (checkpoints): read only those
             rms, last = read_rows(rms, rows), read_rows(last, rows)
-        age = tf.cast(self.iterations, rms.dtype) - last
+        age = tf.cast(tf.cast(self.iterations, tf.int64) - last, rms.dtype)
         factor = tf.pow(tf.cast(self._get_hyper("rho"), rms.dtype), age)
         factor = tf.reshape(factor, tf.concat([tf.shape(factor), tf.ones([tf.rank(rms) - 1], tf.int32)], 0))
         return rms * factor
@@ -151,7 +171,7 @@ def write_slot_rows(optimizer: Optimizer, var: tf.Variable, slot: str, index: tf
     (set ``optimizer.iterations`` first: the lazy optimizer's rows are then current as of that step)."""
     optimizer.get_slot(var, slot).scatter_update(tf.IndexedSlices(values, index))
     if isinstance(optimizer, LazyRMSprop) and slot == "rms" and _has_slot(optimizer, var, "last"):
-        now = tf.cast(optimizer.iterations, tf.float32)
+        now = tf.cast(optimizer.iterations, tf.int64)
         optimizer.get_slot(var, "last").scatter_update(tf.IndexedSlices(tf.fill(tf.shape(index), now), index))
 
 
@@ -164,13 +184,13 @@ def _has_slot(optimizer: Optimizer, var: tf.Variable, slot: str) -> bool:
 
 
 def slot_initial(optimizer: Optimizer, slot: str) -> tf.Tensor:
-    """The value a fresh row of slot ``slot`` starts from (a scalar float32): FTRL's / Adagrad's
-    ``initial_accumulator_value`` for "accumulator", the current step for :class:`LazyRMSprop`'s ``last``
-    (nothing owed), else 0 (RMSprop's ``rms``, FTRL's ``linear``, momenta)."""
+    """The value a fresh row of slot ``slot`` starts from (a scalar float32; int64 for ``last``): FTRL's /
+    Adagrad's ``initial_accumulator_value`` for "accumulator", the current step for :class:`LazyRMSprop`'s
+    ``last`` (nothing owed), else 0 (RMSprop's ``rms``, FTRL's ``linear``, momenta)."""
     if slot == "accumulator":
         return tf.constant(float(getattr(optimizer, "_initial_accumulator_value", 0.0)), tf.float32)
     if slot == "last" and isinstance(optimizer, LazyRMSprop):
-        return tf.cast(optimizer.iterations, tf.float32)
+        return tf.cast(optimizer.iterations, tf.int64)
     return tf.constant(0.0, tf.float32)
 
 
