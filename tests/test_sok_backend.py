@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -59,11 +60,25 @@ def installed(monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201 - a setter
     return put
 
 
-@pytest.mark.parametrize("version,expected", [("2.1.0", (2, 1, 0)), ("2.0.0", (2, 0, 0)), ("1.2.0", (1, 2, 0)),
-                                              ("2.1.0rc1", (2, 1, 0)), ("2.1", (2, 1)), ("unknown", ()),
-                                              ("", ())])
-def test_parse_version(version: str, expected: tuple) -> None:
-    assert sok_backend.parse_version(version) == expected
+@pytest.mark.parametrize("version,expected", [("2.1.0", "2.1.0"), ("2.0.0", "2.0.0"), ("1.2.0", "1.2.0"),
+                                              ("2.1.0rc1", "2.1.0rc1"), ("2.1", "2.1"),
+                                              ("2.1.0+cuda12", "2.1.0+cuda12"), ("unknown", None), ("", None)])
+def test_parse_version(version: str, expected: str | None) -> None:
+    parsed = sok_backend.parse_version(version)
+    assert (None if parsed is None else str(parsed)) == expected
+
+
+@pytest.mark.parametrize("version,ok", [("2.0.0rc1", False), ("2.0.0.dev3", False), ("1.10.0", False),
+                                        ("2.0", True), ("2.1.0+cuda12", True), ("10.0", True)])
+def test_version_gate_orders_pre_releases_and_local_tags_as_pep_440(installed, version: str,  # noqa: ANN001
+                                                                     ok: bool) -> None:
+    """Issue 22: versions compare with packaging.version. The old tuple of leading digits read a 2.0 release
+    candidate as 2.0.0 and let it through."""
+    if ok:
+        assert sok_backend.check_sok(fake_sok(version)) == version
+    else:
+        with pytest.raises(ValueError, match=f"found sparse_operation_kit {re.escape(version)}"):
+            sok_backend.check_sok(fake_sok(version))
 
 
 def test_auto_never_picks_legacy_sok(installed) -> None:  # noqa: ANN001

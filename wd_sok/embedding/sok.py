@@ -70,6 +70,7 @@ from types import ModuleType
 
 import numpy as np
 import tensorflow as tf
+from packaging.version import InvalidVersion, Version
 
 from wd_sok.distributed import Runtime
 from wd_sok.embedding.base import EmbeddingCollection, Placement, fill_initial, pool
@@ -78,23 +79,17 @@ from wd_sok.feature_spec import TableConfig
 from wd_sok.optim import LazyRMSprop
 
 _SOK_READY = False
-MIN_VERSION = (2, 0)
+MIN_VERSION = Version("2.0")
 API = ("init", "Variable", "lookup_sparse", "filter_variables")
 
 
-def parse_version(version: str) -> tuple[int, ...]:
-    """``"2.1.0"`` -> (2, 1, 0); leading digits of each part only (``"2.1.0rc1"`` -> (2, 1, 0)); () if none."""
-    out = []
-    for part in str(version).split(".")[:3]:
-        digits = ""
-        for ch in part:
-            if not ch.isdigit():
-                break
-            digits += ch
-        if not digits:
-            break
-        out.append(int(digits))
-    return tuple(out)
+def parse_version(version: str) -> Version | None:
+    """``version`` as a PEP 440 version (``packaging.version``: ``"2.0.0rc1"`` is a pre-release, older than
+    2.0; ``"2.1.0+cuda12"`` is 2.1.0 with a local tag), or None if it is not one (``"unknown"``, "")."""
+    try:
+        return Version(str(version))
+    except InvalidVersion:
+        return None
 
 
 def check_sok(sok: ModuleType) -> str:
@@ -103,8 +98,8 @@ def check_sok(sok: ModuleType) -> str:
     version = str(getattr(sok, "__version__", "unknown"))
     missing = [name for name in API if not hasattr(sok, name)]
     parsed = parse_version(version)
-    if missing or not parsed or parsed < MIN_VERSION:
-        need = ".".join(map(str, MIN_VERSION))
+    if missing or parsed is None or parsed < MIN_VERSION:
+        need = str(MIN_VERSION)
         lacks = f" (no top-level {', '.join('sok.' + m for m in missing)})" if missing else ""
         raise ValueError(f"--embedding_backend sok needs Merlin SOK >= {need} (merlin-sok); found "
                          f"sparse_operation_kit {version}{lacks}: use the image of this repo's Dockerfile "
