@@ -113,7 +113,9 @@ class Config:
     log_every: int = _f(50, "Log loss and throughput every N training steps", "run mode parameters")
     max_steps: int = _f(0, "Stop training after this many steps in total (0: no limit)", "run mode parameters")
     debug: bool = _f(False, "Show TensorFlow's C++ INFO / WARNING / ERROR log lines (hidden by default unless "
-                     "TF_CPP_MIN_LOG_LEVEL is set; wd_sok/tflog.py)", "run mode parameters")
+                     "TF_CPP_MIN_LOG_LEVEL is set; wd_sok/tflog.py), the Python traceback of a failed collective "
+                     "and, when a rank stops answering, every thread's stack (exit 3 either way)",
+                     "run mode parameters")
 
     @property
     def map_calculation_enabled(self) -> bool:
