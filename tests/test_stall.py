@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -173,6 +174,26 @@ def test_http_store_against_horovods_kv_server() -> None:
         server.shutdown_server()
 
 
+def test_a_broken_collective_is_one_line_naming_the_silent_rank() -> None:
+    import tensorflow as tf
+
+    from wd_sok.run import _collective_failure, _collective_line
+
+    shut = tf.errors.UnknownError(None, None, "{{function_node __wrapped__HorovodAllreduce_device_/job:localhost/"
+                                  "replica:0/task:0/device:CPU:0}} Horovod has been shut down. This was caused by an "
+                                  "exception on one of the ranks. [Op:HorovodAllreduce] name: stop_signal")
+    rt = SimpleNamespace(rank=0, phase_name="save", silent_ranks=lambda: [])
+    assert _collective_failure(shut) and not _collective_failure(tf.errors.UnknownError(None, None, "disk full"))
+    assert _collective_line(rt, shut) == (
+        "wd-sok: error (rank 0, phase save): a collective failed (Horovod has been shut down); another rank exited "
+        "or broke: see its output; exit 3 (--debug shows the traceback)")
+    rt.silent_ranks = lambda: [1, 2]
+    timeout = tf.errors.UnknownError(None, None, "[pair.cc:598] Timed out waiting 150000ms for recv operation")
+    assert _collective_line(rt, timeout).endswith(
+        "a collective failed ([pair.cc:598] Timed out waiting 150000ms for recv operation); ranks 1, 2 stopped "
+        "answering; exit 3 (--debug shows the traceback)")
+
+
 # ----------------------------------------------------------------------------- under horovodrun -np 2
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -198,8 +219,9 @@ def _rank_lines(out: str, rank: int) -> str:
     return "\n".join(ln for ln in out.splitlines() if ln.startswith(f"[{rank}]<"))
 
 
-@pytest.mark.parametrize("stopped", [1, 0])
-def test_sigstop_of_one_rank_ends_the_job_with_one_line(data: Path, tmp_path: Path, stopped: int) -> None:
+@pytest.mark.parametrize("stopped,how", [(1, "SIGSTOP"), (0, "SIGSTOP"), (1, "SIGKILL")])
+def test_sigstop_of_one_rank_ends_the_job_with_one_line(data: Path, tmp_path: Path, stopped: int, how: str) -> None:
+    """SIGSTOP: the watchdog names the rank. SIGKILL: the collective fails at once; one line too, not a traceback."""
     tag, alive = uuid.uuid4().hex, 1 - stopped
     args = common.main_args(data, tmp_path / "run", "--num_epochs", "200", "--log_every", "10")
     cmd = [common.horovodrun(), "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, *args]
@@ -214,7 +236,7 @@ def test_sigstop_of_one_rank_ends_the_job_with_one_line(data: Path, tmp_path: Pa
             if pid is None and re.search(r"epoch 1 step \d+", line):  # past the first step and a save
                 pid = _rank_pid(tag, stopped)
                 assert pid is not None, f"rank {stopped}'s process not found"
-                os.kill(pid, signal.SIGSTOP)
+                os.kill(pid, getattr(signal, how))
                 stopped_at = time.time()
             if time.time() > end:
                 break
@@ -231,14 +253,19 @@ def test_sigstop_of_one_rank_ends_the_job_with_one_line(data: Path, tmp_path: Pa
             proc.communicate()
     out = "".join(seen)
     assert pid is not None, out[-3000:]
-    lines = [ln for ln in _rank_lines(out, alive).splitlines() if "stopped answering" in ln]
+    lines = [ln for ln in _rank_lines(out, alive).splitlines() if "wd-sok: error" in ln]
     assert len(lines) == 1, out[-4000:]
-    print(lines[0], f"({time.time() - stopped_at:.0f} s after SIGSTOP)")
+    print(lines[0], f"({time.time() - stopped_at:.0f} s after {how})")
     assert lines[0].startswith(f"[{alive}]<stderr>:wd-sok: error (rank {alive}, phase ")
+    assert "Traceback" not in _rank_lines(out, alive), out[-4000:]
+    if how == "SIGKILL":
+        assert "a collective failed (Horovod has been shut down); another rank exited or broke" in lines[0], lines
+        assert re.findall(r"Process (\d) exit with status code (\d+)", out)[-1] == (str(alive), "3"), out[-2000:]
+        return
     # stopped mid-step ("train"); rarely inside the per-epoch save ("save", allowed 8 s)
     assert re.search(f"rank {stopped} \\(phase (train|save), no heartbeat for ", lines[0]), lines
     assert "exits 3" in lines[0]
-    assert "Traceback" not in _rank_lines(out, alive) and "Timed out waiting" not in out, out[-4000:]
+    assert "Timed out waiting" not in out, out[-4000:]
     assert (str(alive), str(EXIT_STALL)) in re.findall(r"Process (\d) exit with status code (\d+)", out), out[-2000:]
     assert took < 8 + 15, took  # stall timeout, a heartbeat round, the ack wait, horovodrun's 5 s
 

@@ -135,12 +135,16 @@ def _collective_failure(e: BaseException) -> bool:
 
 def _collective_line(runtime, e: BaseException) -> str:  # noqa: ANN001 - a wd_sok.distributed.Runtime
     """The one line a rank prints when a collective failed under it."""
-    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    import re
+
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(e))  # TensorFlow's op wrapper names
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    first = first.split(". ")[0].rstrip(".")[:160]  # "Horovod has been shut down", "Timed out waiting ..."
     silent = runtime.silent_ranks()
-    blame = (f"; not answering: rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}"
-             if silent else "")
-    return (f"wd-sok: error (rank {runtime.rank}, phase {runtime.phase_name}): a collective failed "
-            f"({first[:200]}){blame}; exit {EXIT_STALL} (--debug shows the traceback)")
+    blame = (f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped answering"
+             if silent else "another rank exited or broke: see its output")
+    return (f"wd-sok: error (rank {runtime.rank}, phase {runtime.phase_name}): a collective failed ({first}); "
+            f"{blame}; exit {EXIT_STALL} (--debug shows the traceback)")
 
 
 def _summary(metrics: dict) -> str:
