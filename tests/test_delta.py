@@ -281,3 +281,23 @@ def test_restore_latest_takes_the_delta_falls_back_and_retention_keeps_its_base(
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt-3", "ckpt-7", "ckpt-8"]
     save_delta(tmp_path, None, model, wo, do, rt, step=9)
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt-8", "ckpt-9"]
+
+
+def test_inspect_says_full_or_delta_base_rows_and_bytes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from wd_sok.checkpoint import inspect
+
+    model, wo, do, rt = build()
+    train(model, wo, do, rt, steps=2)
+    save_delta(tmp_path, None, model, wo, do, rt, step=2)
+    reset(model, wo, do)
+    late_batches(model, wo, do, rt, first=2, steps=1)
+    save_delta(tmp_path, tmp_path / "ckpt-2", model, wo, do, rt, step=3)
+    assert inspect.main([str(tmp_path / "ckpt-3")]) == 0
+    out = capsys.readouterr().out
+    rows = len(np.unique(np.asarray(table_states(model, wo, do)[4].changed_rows())))  # deep/b
+    assert "ckpt-3: delta against ckpt-2 (step 2), step 3, epoch 1 step 2, written by 1 rank(s)" in out
+    assert f"  deep/b: {rows:,} changed rows of 50 ({100 * rows / 50:.1f}%), " in out
+    assert inspect.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["ckpt-2", "ckpt-3"] and ": full, step 2" in lines[0]
+    assert inspect.main([str(tmp_path / "nothing")]) == 2

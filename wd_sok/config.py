@@ -77,6 +77,12 @@ class Config:
                          "fill with zero", "training parameters", choices=["reject", "zero"])
     checkpoint_steps: int = _f(0, "Also checkpoint every N training steps (0: only at epoch ends and on "
                                "SIGINT/SIGTERM)", "training parameters")
+    full_checkpoint_ratio: float = _f(0.3, "A checkpoint after the first is a delta (the table rows changed since "
+                                      "the last full checkpoint, plus the dense state; restored with it) while "
+                                      "it would be at most this fraction of a full one's bytes, else full; a "
+                                      "SIGINT/SIGTERM save is a delta whenever a full one exists (0: full "
+                                      "checkpoints only)", "training parameters")
+    full_checkpoint_every: int = _f(20, "A full checkpoint after at most this many deltas", "training parameters")
     seed: int = _f(0, "Seed for initialisation, dropout and data order (every rank agrees)",
                    "training parameters")
     # model construction
@@ -187,6 +193,9 @@ def check_config(cfg: Config) -> list[str]:
         problems.append("--benchmark times --benchmark_steps steps; do not combine it with --max_steps")
     if cfg.checkpoint_steps < 0:
         problems.append(f"--checkpoint_steps must be >= 0, got {cfg.checkpoint_steps}")
+    if cfg.full_checkpoint_ratio < 0 or cfg.full_checkpoint_every < 1:
+        problems.append(f"--full_checkpoint_ratio must be >= 0 and --full_checkpoint_every >= 1, got "
+                        f"{cfg.full_checkpoint_ratio}, {cfg.full_checkpoint_every}")
     if cfg.embedding_plan and cfg.embedding_backend == "replicated" and not cfg.plan_only:
         problems.append("--embedding_plan places the sharded backend's tables; --embedding_backend replicated "
                         "holds every table on every rank")

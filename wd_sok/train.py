@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from wd_sok import checkpoint, startup, storage
 from wd_sok.checkpoint import lineage
+from wd_sok.checkpoint.policy import DeltaPolicy
 from wd_sok.config import Config
 from wd_sok.data.batch import Batch, head, pad_batch, real_rows
 from wd_sok.data.loader import DataLoader
@@ -92,6 +93,7 @@ class Trainer:
         self.eval_step = make_eval_step(self.model)
         self.epoch, self.step_in_epoch = 0, 0
         self.saved_step, self.restored = -1, ""
+        self.delta_policy = DeltaPolicy(cfg.full_checkpoint_ratio, cfg.full_checkpoint_every)  # full or delta saves
         # lineage: this run's id (a resume takes the checkpoint's), and with --overwrite what it replaces once
         # its first checkpoint is committed (rank 0 lists, rank 0 deletes)
         self.run_id = runtime.broadcast_object(lineage.new_run_id() if runtime.is_chief else "", "run_id")
@@ -186,6 +188,8 @@ class Trainer:
             return
         self.epoch, self.step_in_epoch = int(manifest["epoch"]), int(manifest["step_in_epoch"])
         self.saved_step = self.global_step
+        self.delta_policy.restored(manifest, path, table_states(self.model, self.wide_opt, self.deep_opt),
+                                   self.rt.size)
         self.run_id = str(manifest.get("run") or self.run_id)  # the resumed run's lineage goes on
         changed = _changed_flags(manifest.get("config", {}), _jsonable(self.cfg))
         self.restored = (f"restored {path} (run {self.run_id}, epoch {self.epoch}, step {self.global_step}; "
@@ -197,30 +201,34 @@ class Trainer:
     def global_step(self) -> int:
         return int(self.deep_opt.iterations.numpy())
 
-    def save(self) -> dict | None:
-        """Collective: every rank writes its own rows of every table and slot; rank 0 the rest + manifest.
+    def save(self, preempted: bool = False) -> dict | None:
+        """Collective: every rank writes its own rows of every table and slot; rank 0 the rest + manifest. A
+        delta (the rows changed since the last full checkpoint) when :class:`DeltaPolicy` says so.
 
         Returns the writer's figures (:func:`wd_sok.checkpoint.save`), or None if this state is saved already.
         """
         if self.saved_step == self.global_step:
             return None
+        states = table_states(self.model, self.wide_opt, self.deep_opt)
+        base = self.delta_policy.choose(states, self.rt, preempted)
         meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "seed": self.cfg.seed, "config": _jsonable(self.cfg), "backend": self.backend,
                 "embedding_plan": self.plan.policy if self.plan is not None else "replicated",
-                **lineage.lineage_fields(self.run_id, 0, self.spec_fingerprint)}
+                **lineage.lineage_fields(self.run_id, 0, self.spec_fingerprint),
+                **self.delta_policy.meta(base)}
         dense = dense_state(self.model, self.wide_opt, self.deep_opt) if self.rt.is_chief else None
         with self.rt.phase("save", long=True):  # ranks write different amounts; rank 0 also the manifest
-            out = checkpoint.save(self.cfg.model_dir, self.global_step,
-                                  table_states(self.model, self.wide_opt, self.deep_opt), dense, meta, self.rt,
-                                  keep=self.cfg.keep_checkpoints)
+            out = checkpoint.save(self.cfg.model_dir, self.global_step, states, dense, meta, self.rt,
+                                  keep=self.cfg.keep_checkpoints, base=base)
         self.saved_step = self.global_step
+        self.delta_policy.saved(out["path"], base, states)
         if self.replaces and self.rt.is_chief:  # --overwrite: the earlier run's checkpoints go only now
             removed = lineage.remove(self.replaces)
             self.log.info(f"--overwrite: removed the {removed} checkpoint(s) that were in {self.cfg.model_dir}")
         self.replaces = []
         rate = out["bytes"] / max(out["seconds"], 1e-9) / 1e6
-        self.log.info(f"saved {out['path']} ({out['total_bytes'] / 2**20:,.1f} MiB; rank 0 wrote "
-                      f"{out['bytes'] / 2**20:,.1f} MiB at {rate:,.0f} MB/s)")
+        self.log.info(f"saved {out['path']} ({self.delta_policy.describe(base)}{out['total_bytes'] / 2**20:,.1f} "
+                      f"MiB; rank 0 wrote {out['bytes'] / 2**20:,.1f} MiB at {rate:,.0f} MB/s)")
         return out
 
     def agreed_stop(self, stop: _StopFlag) -> int:
@@ -307,7 +315,7 @@ class Trainer:
         return out
 
     def _interrupt(self, stop: _StopFlag) -> None:
-        self.save()
+        self.save(preempted=True)
         raise Interrupted(f"signal {stop.agreed}: checkpoint saved at epoch {self.epoch} step "
                           f"{self.step_in_epoch} (global step {self.global_step})", stop.agreed)
 

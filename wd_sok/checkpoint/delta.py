@@ -61,7 +61,7 @@ from wd_sok.checkpoint.format import (
 )
 from wd_sok.optim import write_slot_rows
 from wd_sok.state import KeyedTableState, State, TableState
-from wd_sok.storage.paths import open_binary, open_ranges, open_sequential
+from wd_sok.storage.paths import is_object_path, open_binary, open_ranges, open_sequential
 
 KIND = "delta"
 PLACEMENT = "delta: the shard's row file holds each row's global id"
@@ -92,6 +92,12 @@ def sizes(tables: list[State]) -> tuple[int, int]:
         full += rows * width
         out += changed * (width + 8)
     return out, full
+
+
+def supported(tables: list[State]) -> bool:
+    """Whether every table's changed rows are tracked (:mod:`wd_sok.changes`): fixed tables and the CPU
+    dynamic tables; SOK's dynamic tables update themselves (their own optimizer wrapper) and are not."""
+    return all(not isinstance(s, KeyedTableState) or hasattr(s.collection, "read_keyed_rows") for s in tables)
 
 
 def bases_needed(folders: list[Path]) -> set[str]:
@@ -219,7 +225,10 @@ def _array(folder: Path, key: str, name: str, files: dict, rows: int, check: boo
                     crc = zlib.crc32(chunk, crc)
             if crc != files[name].get("crc32"):
                 raise CorruptCheckpoint(f"{where}: checksum does not match the manifest (damaged file)")
-        arr = np.load(path, mmap_mode="r" if rows else None)
+        if is_object_path(path):  # an object store: no memory map, the (delta-sized) file is fetched whole
+            arr = np.load(io.BytesIO(path.read_bytes()))
+        else:
+            arr = np.load(path, mmap_mode="r" if rows else None)
     except OSError as e:
         raise CorruptCheckpoint(f"{where}: {e.strerror}") from None
     except ValueError as e:
