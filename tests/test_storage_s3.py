@@ -108,3 +108,32 @@ def test_bad_credentials_exit_2_naming_the_url(tiny_dataset: Path, s3_bucket: st
                       expect=2)
     line = _one_line_error(out, f"{s3_bucket}/data/feature_spec.yaml")
     assert "access denied" in line and "testing" not in line
+
+
+def test_checkpoints_on_s3_resume_fall_back_and_name_a_deleted_object(tiny_dataset: Path, s3_bucket: str,  # noqa: F811
+                                                                      tmp_path: Path) -> None:
+    local, _ = run_main(tmp_path / "local", "--dataset_path", str(tiny_dataset), "--model_dir",
+                        str(tmp_path / "local" / "ckpt"), "--num_epochs", "2")
+    model_dir = f"{s3_bucket}/run"
+    run_main(tmp_path / "a", "--dataset_path", str(tiny_dataset), "--model_dir", model_dir, "--num_epochs", "2",
+             "--max_steps", "8", "--checkpoint_steps", "4")
+    store = storage.Store(model_dir)
+    assert store.listdir() == ["ckpt-6", "ckpt-8"]  # 4 went: keep 2
+    remote, out = run_main(tmp_path / "b", "--dataset_path", str(tiny_dataset), "--model_dir", model_dir,
+                           "--num_epochs", "2", "--use_checkpoint")
+    assert f"restored {model_dir}/ckpt-8" in out and remote == local  # resumed = uninterrupted
+    latest = sorted(store.listdir(), key=lambda n: int(n.split("-")[1]))[-1]  # ckpt-12
+    victim = next(n for n in store.listdir(latest) if n.startswith("deep.a.value"))
+    store.delete(f"{latest}/{victim}")
+    _, out = run_main(tmp_path / "c", "--dataset_path", str(tiny_dataset), "--model_dir", model_dir,
+                      "--num_epochs", "2", "--evaluate", "--use_checkpoint")
+    assert f"{model_dir}/{latest}" in out and "falling back to the previous checkpoint" in out
+    for name in store.listdir():  # now every checkpoint lacks a file
+        for n in store.listdir(name):
+            if n.startswith("deep.a.value"):
+                store.delete(f"{name}/{n}")
+    _, out = run_main(tmp_path / "d", "--dataset_path", str(tiny_dataset), "--model_dir", model_dir,
+                      "--num_epochs", "2", "--evaluate", "--use_checkpoint", expect=2)
+    line = _one_line_error(out, f"{model_dir}/")
+    assert "no usable checkpoint" in line and victim in line
+    assert len(store.listdir()) == 2  # nothing deleted by the failed attempts
