@@ -127,7 +127,8 @@ def serve_fresh(data: Path, work: Path, *export_dirs: Path) -> dict:
 def checkpoint_forward(data: Path, model_dir: Path, combiner: str, rows: int) -> np.ndarray:
     """Probabilities [rows] of the first test rows from the latest checkpoint, restored in this process."""
     spec = FeatureSpec.from_yaml(data / "feature_spec.yaml")
-    rt = SimpleNamespace(rank=0, size=1, is_chief=True, allgather_object=lambda obj, name: [obj])
+    rt = SimpleNamespace(rank=0, size=1, is_chief=True, allgather_object=lambda obj, name: [obj],
+                         broadcast_object=lambda obj, name: obj)
     model = build_model(spec, combiner, rt)
     batch = head_batch(spec, rows)
     model(batch, training=False)
