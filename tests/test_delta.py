@@ -301,3 +301,40 @@ def test_inspect_says_full_or_delta_base_rows_and_bytes(tmp_path: Path, capsys: 
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in lines] == ["ckpt-2", "ckpt-3"] and ": full, step 2" in lines[0]
     assert inspect.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_policy_full_first_then_deltas_by_size_count_and_preemption(tmp_path: Path) -> None:
+    from wd_sok.checkpoint.policy import DeltaPolicy
+
+    class Rt(FakeRuntime):
+        def sum_host(self, values: np.ndarray, name: str) -> np.ndarray:
+            return values
+
+    model, wo, do, _ = build()
+    rt, states = Rt(), table_states(model, wo, do)
+    policy = DeltaPolicy(ratio=0.3, every=2)
+    assert policy.choose(states, rt) is None and policy.choose(states, rt, preempted=True) is None
+    changes.set_changed(states[4].var, np.arange(50))  # deep/b: every row
+    policy.saved(tmp_path / "ckpt-1", None, states)   # a full one: the base; masks cleared
+    assert policy.base == tmp_path / "ckpt-1" and states[4].changed_rows().size == 0
+    changes.set_changed(states[4].var, np.array([3]))  # one row of 50 of one table
+    assert policy.choose(states, rt) == tmp_path / "ckpt-1"
+    assert policy.meta(policy.base) == {"deltas": 1}
+    for s in states:  # every row of every table: more than 0.3 of a full one, and more than a full one
+        changes.set_changed(s.var, np.arange(s.var.shape[0]))
+    assert policy.choose(states, rt) is None and policy.choose(states, rt, preempted=True) is None
+    for s in states:
+        s.reset_changes()
+    policy.saved(tmp_path / "ckpt-2", tmp_path / "ckpt-1", states)
+    policy.saved(tmp_path / "ckpt-3", tmp_path / "ckpt-1", states)
+    assert policy.deltas == 2 and policy.choose(states, rt) is None  # every=2 deltas written
+    assert policy.choose(states, rt, preempted=True) == tmp_path / "ckpt-1"  # a preemption save still is one
+    policy.restored({"kind": "delta", "base": {"path": "ckpt-1"}, "deltas": 1, "world_size": 3},
+                    tmp_path / "ckpt-2", states, world=1)
+    assert (policy.base, policy.deltas) == (tmp_path / "ckpt-1", 1)  # fixed tables: any rank count
+    changes.set_changed(states[0].var, np.array([1]))
+    policy.restored({"world_size": 2}, tmp_path / "ckpt-1", states, world=1)
+    assert policy.base == tmp_path / "ckpt-1" and states[0].changed_rows().size == 0
+    off = DeltaPolicy(0.0, 5)  # ratio 0: full checkpoints only
+    off.base = tmp_path / "ckpt-1"
+    assert off.choose(states, rt) is None and off.choose(states, rt, preempted=True) is None

@@ -201,16 +201,17 @@ class Trainer:
     def global_step(self) -> int:
         return int(self.deep_opt.iterations.numpy())
 
-    def save(self, preempted: bool = False) -> dict | None:
+    def save(self, preempted: bool = False, periodic: bool = False) -> dict | None:
         """Collective: every rank writes its own rows of every table and slot; rank 0 the rest + manifest. A
-        delta (the rows changed since the last full checkpoint) when :class:`DeltaPolicy` says so.
+        delta (the rows changed since the last full checkpoint) when :class:`DeltaPolicy` says so: only a
+        ``periodic`` (--checkpoint_steps) or ``preempted`` (SIGINT / SIGTERM) save may be one.
 
         Returns the writer's figures (:func:`wd_sok.checkpoint.save`), or None if this state is saved already.
         """
         if self.saved_step == self.global_step:
             return None
         states = table_states(self.model, self.wide_opt, self.deep_opt)
-        base = self.delta_policy.choose(states, self.rt, preempted)
+        base = self.delta_policy.choose(states, self.rt, preempted) if preempted or periodic else None
         meta = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "seed": self.cfg.seed, "config": _jsonable(self.cfg), "backend": self.backend,
                 "embedding_plan": self.plan.policy if self.plan is not None else "replicated",
@@ -269,7 +270,7 @@ class Trainer:
                             global_step=self.global_step)
                         loss_sum, seen, t0 = 0.0, 0, time.perf_counter()
                     if cfg.checkpoint_steps and self.global_step % cfg.checkpoint_steps == 0:
-                        self.save()
+                        self.save(periodic=True)
                     if self.agreed_stop(stop) or (cfg.max_steps and self.global_step >= cfg.max_steps):
                         break
                 if stop.agreed:

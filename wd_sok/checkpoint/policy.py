@@ -1,11 +1,12 @@
 """When a checkpoint is a delta (:mod:`wd_sok.checkpoint.delta`) and which full checkpoint it builds on.
 
-* The first checkpoint of a run, and any after a restore that leaves no usable base, is full.
-* Later ones are deltas against the last full checkpoint while the delta would be at most ``ratio`` of a full
-  one's table bytes (summed over ranks: every rank takes the same decision) and fewer than ``every`` deltas
-  were written against it; else full, which resets the change masks and becomes the new base.
-* A preemption save (SIGINT / SIGTERM) is a delta whenever a base exists: it must fit the launcher's grace
-  period, and a delta writes what changed, not the whole table.
+* The first checkpoint of a run, any after a restore that leaves no usable base, and every epoch-end save
+  (the trainer asks only for ``--checkpoint_steps`` and preemption saves) are full.
+* A ``--checkpoint_steps`` save is a delta against the last full checkpoint while the delta would be at most
+  ``ratio`` of a full one's table bytes (summed over ranks: every rank takes the same decision) and fewer than
+  ``every`` deltas were written against it; else full, which resets the change masks and becomes the new base.
+* A preemption save (SIGINT / SIGTERM) is a delta whenever a base exists and the delta is no larger than a
+  full one: it must fit the launcher's grace period, and a delta writes what changed, not the whole table.
 * ``ratio`` 0: full checkpoints only; so are runs with tables whose changes are not tracked (SOK's dynamic
   tables, :func:`wd_sok.checkpoint.delta.supported`).
 
@@ -41,12 +42,10 @@ class DeltaPolicy:
         """Collective (one tiny allreduce unless the answer is fixed): the base for this save, None for full."""
         if self.base is None or self.ratio <= 0 or not delta.supported(tables):
             return None
-        if preempted:
-            return self.base
-        if self.deltas >= self.every:
+        if self.deltas >= self.every and not preempted:
             return None
         out, full = runtime.sum_host(np.array(delta.sizes(tables), np.float64), "delta_sizes")
-        return self.base if out <= self.ratio * full else None
+        return self.base if out <= (1.0 if preempted else self.ratio) * full else None
 
     def meta(self, base: Path | None) -> dict[str, Any]:
         """Manifest fields of the save about to be written (a delta's number since its base)."""
