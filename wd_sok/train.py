@@ -223,13 +223,13 @@ class Trainer:
                                   keep=self.cfg.keep_checkpoints, base=base)
         self.saved_step = self.global_step
         self.delta_policy.saved(out["path"], base, states)
+        rate = out["bytes"] / max(out["seconds"], 1e-9) / 1e6
+        self.log.info(f"saved {out['path']} ({self.delta_policy.describe(base)}{out['total_bytes'] / 2**20:,.1f} "
+                      f"MiB; rank 0 wrote {out['bytes'] / 2**20:,.1f} MiB at {rate:,.0f} MB/s)")
         if self.replaces and self.rt.is_chief:  # --overwrite: the earlier run's checkpoints go only now
             removed = lineage.remove(self.replaces)
             self.log.info(f"--overwrite: removed the {removed} checkpoint(s) that were in {self.cfg.model_dir}")
         self.replaces = []
-        rate = out["bytes"] / max(out["seconds"], 1e-9) / 1e6
-        self.log.info(f"saved {out['path']} ({self.delta_policy.describe(base)}{out['total_bytes'] / 2**20:,.1f} "
-                      f"MiB; rank 0 wrote {out['bytes'] / 2**20:,.1f} MiB at {rate:,.0f} MB/s)")
         return out
 
     def agreed_stop(self, stop: _StopFlag) -> int:
