@@ -55,6 +55,7 @@ def main() -> int:
     from wd_sok.config import parse_config
     from wd_sok.distributed import Runtime
     from wd_sok.state import table_states
+    from wd_sok.storage.store import TRAFFIC
     from wd_sok.train import Trainer
 
     cfg = parse_config(sys.argv[4:])
@@ -84,6 +85,7 @@ def main() -> int:
         saved = trainer.save()
         out["save_s"], out["save_peak"] = time.perf_counter() - t0, peak()
         out["save_bytes"], out["save_write_s"] = saved["bytes"], saved["seconds"]
+        out["storage_traffic"] = dict(TRAFFIC)  # bytes sent to object storage (0 for a local model_dir)
     else:
         reset_peak()
         t0 = time.perf_counter()
@@ -91,6 +93,7 @@ def main() -> int:
         out["restore_s"], out["restore_peak"] = time.perf_counter() - t0, peak()
         out["restore_bytes"] = sum(s.rows.count * s.table.dim * 4 * len(s.arrays())
                                    for s in table_states(trainer.model, trainer.wide_opt, trainer.deep_opt))
+        out["storage_traffic"] = dict(TRAFFIC)  # bytes fetched from object storage: vs restore_bytes (owned)
         if cfg.export_dir:
             reset_peak()
             t0 = time.perf_counter()

@@ -39,7 +39,7 @@ from wd_sok.checkpoint.format import (
 )
 from wd_sok.distributed import Runtime
 from wd_sok.state import KeyedTableState, State, TableState
-from wd_sok.storage.paths import AnyPath, open_binary, open_ranges
+from wd_sok.storage.paths import AnyPath, open_ranges, read_head
 from wd_sok.storage.paths import path as storage_path
 
 DenseImport = Callable[[dict[str, np.ndarray], str], None]
@@ -186,8 +186,7 @@ def _read_whole(folder: Path, name: str, files: dict[str, dict], what: str) -> b
 
 def _head(path: AnyPath, length: int = HEAD_BYTES) -> bytes:
     """The first ``length`` bytes of a file (fewer if it is shorter): room for any header wd-sok writes."""
-    with open_binary(path) as f:
-        return f.read(length)
+    return read_head(path, length)
 
 
 def _read_shard(folder: AnyPath, state: TableState, array: str, shard: dict[str, Any],

@@ -151,6 +151,14 @@ def open_binary(p: AnyPath) -> Any:
     return open(p, "rb")  # noqa: SIM115 - the caller closes it
 
 
+def read_head(p: AnyPath, length: int) -> bytes:
+    """The first ``length`` bytes of a file (fewer if shorter): one read, one ranged GET remotely."""
+    if isinstance(p, ObjectPath):
+        return Store(p.url).read_range("", 0, length)
+    with open(p, "rb") as f:
+        return f.read(length)
+
+
 class ObjectRangeReader:
     """:class:`~wd_sok.checkpoint.directio.RangeReader`'s interface over an object: :meth:`ranges` yields each
     (offset, length) as a uint8 array, one ranged GET each, the next one fetched by a background thread

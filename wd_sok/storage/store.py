@@ -26,6 +26,7 @@ from wd_sok.storage.location import (
 )
 
 PART_BYTES = 16 << 20  # multipart part size of streamed uploads: what one open writer buffers at most
+TRAFFIC = {"get_requests": 0, "get_bytes": 0, "put_bytes": 0}  # remote bytes moved by this process (benchmarks)
 
 
 class Writer:
@@ -61,10 +62,16 @@ class Writer:
             return
         self.crc = zlib.crc32(view, self.crc)
         self.size += len(view)
+        TRAFFIC["put_bytes"] += len(view)
+        buffer = getattr(self._remote, "buffer", None)  # fsspec's buffered files; memory:// has none
         with errors(self.location):
-            self._remote.write(view)
-        buffer = getattr(self._remote, "buffer", self._remote)  # memory:// files are their own buffer
-        self.peak_buffered = max(self.peak_buffered, buffer.tell())
+            while len(view):  # fed so that the buffer fills to exactly one part: parts of PART_BYTES, and no
+                held = buffer.tell() if buffer is not None else self.size - len(view)  # more held than that
+                room = max(1, PART_BYTES - held) if buffer is not None else len(view)
+                self.peak_buffered = max(self.peak_buffered, held + min(room, len(view)))
+                self._remote.write(view[:room])  # a full part is uploaded inside this call
+                view = view[room:]
+                buffer = getattr(self._remote, "buffer", None)  # a flush replaces it
 
     def write_behind(self, data: bytes | memoryview | np.ndarray) -> None:
         self._pool = self._pool or ThreadPoolExecutor(1)
@@ -216,7 +223,10 @@ class Store:
         with errors(url):
             if self.is_local:
                 return Path(url).read_bytes()
-            return self.fs.cat_file(url)
+            data = self.fs.cat_file(url)
+        TRAFFIC["get_requests"] += 1
+        TRAFFIC["get_bytes"] += len(data)
+        return data
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
         """``length`` bytes from ``offset`` (short at the end): one ranged GET remotely, one pread locally."""
@@ -230,7 +240,10 @@ class Store:
                     return os.pread(fd, length, offset)
                 finally:
                     os.close(fd)
-            return self.fs.cat_file(url, start=offset, end=offset + length)
+            data = self.fs.cat_file(url, start=offset, end=offset + length)
+        TRAFFIC["get_requests"] += 1
+        TRAFFIC["get_bytes"] += len(data)
+        return data
 
     def open_read(self, rel: str) -> Any:
         """A seekable binary file object (remote reads fetch ranges on demand)."""
@@ -254,6 +267,7 @@ class Store:
                     os.fsync(f.fileno())
             else:
                 self.fs.pipe_file(url, data)
+                TRAFFIC["put_bytes"] += len(data)
         return {"bytes": len(data), "crc32": zlib.crc32(data)}
 
     def delete(self, rel: str) -> None:
