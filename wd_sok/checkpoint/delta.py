@@ -50,6 +50,7 @@ import tensorflow as tf
 from wd_sok import changes
 from wd_sok.checkpoint import keyed, reader
 from wd_sok.checkpoint.format import (
+    BLOCK_BYTES,
     DENSE,
     MANIFEST,
     CorruptCheckpoint,
@@ -114,13 +115,15 @@ def bases_needed(folders: list[Path]) -> set[str]:
 
 
 def _put(folder: Path, name: str, shape: tuple[int, ...], dtype: type, blocks: Any, files: dict) -> None:
-    """One .npy file from ``blocks`` (arrays written in order, each while the next is read), fsynced."""
+    """One .npy file from ``blocks`` (arrays written in order, each while the next is read when the file spans
+    more than one block; a one-block file is written directly: no writer thread to start), fsynced."""
     header = io.BytesIO()
     write_npy_header(header, shape, dtype)
+    behind = int(np.prod(shape)) * np.dtype(dtype).itemsize > BLOCK_BYTES
     with open_sequential(folder / name) as f:  # the full writer's path (O_DIRECT, CRC32; URLs: multipart)
         f.write(header.getvalue())
         for block in blocks:
-            f.write_behind(np.ascontiguousarray(block, dtype))
+            (f.write_behind if behind else f.write)(np.ascontiguousarray(block, dtype))
     files[name] = {"bytes": f.size, "crc32": f.crc}
 
 
