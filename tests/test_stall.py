@@ -90,8 +90,8 @@ def test_a_silent_rank_is_named_by_rank_0_and_the_verdict_reaches_every_live_ran
         assert again is not None and again.ranks == [2]
         line = again.line(r, "train")
         assert line == (f"wd-sok: error (rank {r}, phase train): rank 2 (phase save, no heartbeat for 11 s) stopped "
-                        f"answering, seen by rank 0; every live rank exits 3; rerun with --use_checkpoint to "
-                        f"resume from the last checkpoint")
+                        f"answering, seen by rank 0; every live rank exits 3; rerun with --use_checkpoint auto to "
+                        f"resume from the last checkpoint, if any")
     assert "\n" not in v0.line(0, "train") and ", seen by" not in v0.line(0, "train")
 
 

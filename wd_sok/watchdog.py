@@ -129,7 +129,8 @@ class Verdict:
         noun = "rank" if len(self.ranks) == 1 else "ranks"
         seen = f", seen by rank {self.seen_by}" if self.seen_by != rank else ""
         return (f"wd-sok: error (rank {rank}, phase {phase}): {noun} {who} stopped answering{seen}; every live "
-                f"rank exits {EXIT_STALL}; rerun with --use_checkpoint to resume from the last checkpoint")
+                f"rank exits {EXIT_STALL}; rerun with --use_checkpoint auto to resume from the last checkpoint, "
+                "if any")
 
     def to_dict(self) -> dict:
         return {"ranks": self.ranks, "phases": self.phases, "silent_s": self.silent_s, "seen_by": self.seen_by}
