@@ -77,11 +77,12 @@ class Config:
                          "fill with zero", "training parameters", choices=["reject", "zero"])
     checkpoint_steps: int = _f(0, "Also checkpoint every N training steps (0: only at epoch ends and on "
                                "SIGINT/SIGTERM)", "training parameters")
-    full_checkpoint_ratio: float = _f(0.3, "A --checkpoint_steps save after a full one is a delta (the table rows "
+    full_checkpoint_ratio: float = _f(0.2, "A --checkpoint_steps save after a full one is a delta (the table rows "
                                       "changed since the last full checkpoint, plus the dense state; restored "
                                       "with it) while it would be at most this fraction of a full one's bytes, "
                                       "else full; a SIGINT/SIGTERM save is a delta whenever a full one exists "
-                                      "and it is smaller; epoch ends save full (0: full checkpoints only)",
+                                      "and it is smaller; epoch ends save full (0: full checkpoints only). 0.2: a "
+                                      "restore reads base + delta, measured ~(1 + ratio) x a full restore",
                                       "training parameters")
     full_checkpoint_every: int = _f(20, "A full checkpoint after at most this many deltas", "training parameters")
     seed: int = _f(0, "Seed for initialisation, dropout and data order (every rank agrees)",
