@@ -104,8 +104,8 @@ def test_resume_under_three_ranks_trains_on(reference: Path, data: Path, tmp_pat
     # the step-100 checkpoint closes epoch 1 (saved as epoch 1, step 50 of 50: the epoch-end save is the
     # same state, so it is not written twice)
     assert (saved["epoch"], saved["step_in_epoch"]) in ((1, 50), (2, 0))
-    assert (f"restored {tmp_path / 'ckpt'}/ckpt-{saved['step']} (epoch {saved['epoch']}, step {saved['step']}; "
-            "written by 2 rank(s)") in out
+    assert (f"restored {tmp_path / 'ckpt'}/ckpt-{saved['step']} (run {saved['run']}, epoch {saved['epoch']}, "
+            f"step {saved['step']}; written by 2 rank(s)") in out
     # the plan is printed at start, one line per feature (b, 1001 rows: replicated, reduced dense)
     assert "embedding plan 'auto': 5 features, 3 ranks, global batch 48" in out
     assert re.search(r"\bb\s+1,001\s+4\s+\S+\s+replicated\(dense\)\s+0-2\b", out), out
