@@ -30,9 +30,10 @@ TRAFFIC = {"get_requests": 0, "get_bytes": 0, "put_bytes": 0}  # remote bytes mo
 
 
 class Writer:
-    """A file or object written front to back: :meth:`write` (or :meth:`write_behind`, which writes in a
-    background thread while the caller prepares the next piece: one piece in flight, not to be changed until
-    the next call), then :meth:`close`, which makes it durable and returns ``{"bytes", "crc32"}``.
+    """A file or object written front to back: :meth:`write` (or :meth:`write_behind`, which writes a local
+    file in a background thread while the caller prepares the next piece: one piece in flight, not to be
+    changed until the next call; an upload writes at once), then :meth:`close`, which makes it durable and
+    returns ``{"bytes", "crc32"}``.
 
     Remote objects stream as multipart uploads of :data:`PART_BYTES` parts: the writer holds at most one
     part plus the piece being written (:attr:`peak_buffered` records the most it held).
@@ -74,6 +75,9 @@ class Writer:
                 buffer = getattr(self._remote, "buffer", None)  # a flush replaces it
 
     def write_behind(self, data: bytes | memoryview | np.ndarray) -> None:
+        if self._remote is not None:  # an upload is far slower than preparing the next piece: no overlap to
+            self.write(data)  # gain, and one piece less held (the upload's peak memory is one piece + a part)
+            return
         self._pool = self._pool or ThreadPoolExecutor(1)
         self._wait()
         self._pending = self._pool.submit(self.write, data)
