@@ -170,15 +170,18 @@ def test_evaluation_under_3_ranks_does_not_check_the_training_batch(tiny_dataset
 
     rank0_of_3 = SimpleNamespace(rank=0, size=3, local_rank=0, is_chief=True)
     flags = ["--dataset_path", str(tiny_dataset), "--global_batch_size", "4096"]
-    trainer = Trainer.__new__(Trainer)
-    trainer._local_setup(parse_config([*flags, "--eval_batch_size", "48", "--evaluate", "--use_checkpoint"]),
-                         rank0_of_3)
-    assert trainer.local_eval_batch == 16
+
+    def local_setup(*more: str) -> Trainer:
+        trainer = Trainer.__new__(Trainer)
+        trainer.backend = "sharded"  # what Trainer.__init__ agrees on before the local checks (3 ranks, CPU)
+        trainer._local_setup(parse_config([*flags, *more]), rank0_of_3)
+        return trainer
+
+    assert local_setup("--eval_batch_size", "48", "--evaluate", "--use_checkpoint").local_eval_batch == 16
     with pytest.raises(ValueError, match=r"^--global_batch_size 4096 must divide evenly over 3 ranks$"):
-        Trainer.__new__(Trainer)._local_setup(parse_config([*flags, "--eval_batch_size", "48"]), rank0_of_3)
+        local_setup("--eval_batch_size", "48")
     with pytest.raises(ValueError, match=r"^--eval_batch_size 4096 must divide evenly over 3 ranks$"):
-        Trainer.__new__(Trainer)._local_setup(parse_config([*flags, "--eval_batch_size", "4096", "--evaluate"]),
-                                              rank0_of_3)
+        local_setup("--eval_batch_size", "4096", "--evaluate")
 
 
 # ----------------------------------------------------------------------------- launcher without Horovod
