@@ -137,3 +137,42 @@ def test_checkpoints_on_s3_resume_fall_back_and_name_a_deleted_object(tiny_datas
     line = _one_line_error(out, f"{model_dir}/")
     assert "no usable checkpoint" in line and victim in line
     assert len(store.listdir()) == 2  # nothing deleted by the failed attempts
+
+
+def test_kill_9_during_an_upload_leaves_no_visible_checkpoint(tiny_dataset: Path, s3_bucket: str,  # noqa: F811
+                                                              tmp_path: Path) -> None:
+    import os
+    import signal
+    import time
+
+    import yaml
+
+    spec = yaml.safe_load((tiny_dataset / "feature_spec.yaml").read_text())
+    spec["feature_spec"]["b"].update(cardinality=2_000_000, embedding_dim=16)  # ~280 MB of state: a slow save
+    (tiny_dataset / "feature_spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    model_dir = f"{s3_bucket}/run"
+    store = storage.Store(model_dir)
+    flags = ["--dataset_path", str(tiny_dataset), "--model_dir", model_dir, "--embedding_backend", "replicated"]
+    run_main(tmp_path / "a", *flags, "--max_steps", "2")
+    assert store.listdir() == ["ckpt-2"]
+    cmd = [sys.executable, str(ROOT / "main.py"), "--results_dir", str(tmp_path / "b"), *ARGS, *flags,
+           "--max_steps", "4", "--use_checkpoint"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "WD_SOK_CACHE_DIR": str(tmp_path / "cache")})
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:  # files of ckpt-4 arriving, no manifest yet
+            names = store.listdir("ckpt-4")
+            if names and "manifest.json" not in names:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.1)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the save finished before it could be killed"
+    assert "manifest.json" not in store.listdir("ckpt-4")  # partial objects, nothing committed
+    _, out = run_main(tmp_path / "c", *flags, "--evaluate", "--use_checkpoint")
+    assert f"restored {model_dir}/ckpt-2" in out
+    assert store.listdir() == ["ckpt-2"]  # the killed save's objects were removed at start-up
