@@ -6,10 +6,11 @@
 # Each level has its own stamp holding the hash of requirements.txt + constraints.txt + this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Seconds measured in a fresh clone with an empty pip cache on 2 cores shared with other work (load average 6-13;
-# an idle machine is faster). The README's first section states the same numbers (tests/test_first_run.py).
-BASE_S=304    # one-process level
-DIST_S=1261   # the Horovod build on top of it
+# Seconds measured in a fresh clone with an empty pip cache on 2 idle cores (2026-12-03); on 2 cores shared with
+# other work (load average 6-13) the same took 304 s and 1261 s. The README's first section states the same
+# numbers (tests/test_first_run.py).
+BASE_S=78     # one-process level
+DIST_S=186    # the Horovod build on top of it
 DIST=0
 case "${1:-}" in
   --dist) DIST=1 ;;
@@ -31,7 +32,7 @@ if ! current "$STAMP"; then
   PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
   "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"wd-sok needs Python 3.11, got {sys.version}"'
   echo "[setup] creating $VENV with $PY: TensorFlow + Merlin + test tools, no Horovod" \
-       "(${BASE_S} s measured on 2 shared cores, less on an idle machine)"
+       "(${BASE_S} s measured on 2 idle cores, up to 4x longer on a busy machine)"
   [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
   "${PIP[@]}" install -q "pip==25.0.1" "setuptools==69.5.1" "wheel==0.43.0"
   # --no-compile: Python compiles the modules a run imports when it first imports them, instead of pip compiling
@@ -44,8 +45,8 @@ if ! current "$STAMP"; then
 fi
 if [[ $DIST == 1 ]] && ! current "$DIST_STAMP"; then
   t=$(date +%s)
-  echo "[setup] building horovod 0.28.1 from source (TensorFlow + Gloo; ${DIST_S} s measured on 2 shared cores," \
-       "less on an idle machine)"
+  echo "[setup] building horovod 0.28.1 from source (TensorFlow + Gloo; ${DIST_S} s measured on 2 idle cores," \
+       "up to 7x longer on a busy machine)"
   HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
     HOROVOD_WITHOUT_MPI=1 HOROVOD_CPU_OPERATIONS=gloo MAKEFLAGS="-j$(nproc)" \
     "${PIP[@]}" install -q --no-build-isolation -c constraints.txt "horovod==0.28.1"

@@ -12,6 +12,19 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# The real Outbrain rows (a test fixture that must not be redistributed with the project, so not in the
+# repository): $WD_SOK_OUTBRAIN_SAMPLE, else the workspace's ../shared (or ../../shared for a worktree).
+SAMPLE_PLACES = [Path(p) for p in [os.environ.get("WD_SOK_OUTBRAIN_SAMPLE", "")] if p] + [
+    ROOT / ".." / "shared" / "data" / "outbrain_sample", ROOT / ".." / ".." / "shared" / "data" / "outbrain_sample"]
+REAL_SAMPLE = next((p for p in SAMPLE_PLACES if (p / "clicks_train.csv").is_file()), SAMPLE_PLACES[0])
+
+
+def need_real_sample() -> Path:
+    """The real Outbrain sample's folder, or skip naming every place looked at and the variable that sets it."""
+    if not (REAL_SAMPLE / "clicks_train.csv").is_file():
+        pytest.skip("real Outbrain sample (clicks_train.csv, events.csv, promoted_content.csv) not found at "
+                    + ", ".join(map(str, SAMPLE_PLACES)) + ": set WD_SOK_OUTBRAIN_SAMPLE to its folder")
+    return REAL_SAMPLE
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -19,6 +19,7 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from tests.conftest import need_real_sample  # noqa: E402
 from wd_sok.feature_spec import FeatureSpec  # noqa: E402
 from wd_sok.outbrain import features as F  # noqa: E402
 from wd_sok.outbrain import synthetic  # noqa: E402
@@ -27,7 +28,6 @@ from wd_sok.outbrain.pipeline import preprocess  # noqa: E402
 from wd_sok.outbrain.raw import OutbrainDataWarning, stage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_SAMPLE = ROOT / ".." / "shared" / "data" / "outbrain_sample"
 ONEHOT = ["ad_id", "document_id", "platform", "document_id_promo", "campaign_id", "advertiser_id",
           "source_id", "geo_location", "geo_location_country", "geo_location_state", "publisher_id",
           "source_id_promo", "publisher_id_promo"]
@@ -293,12 +293,10 @@ def test_display_boundaries_in_writer(tmp_path: Path) -> None:
 
 
 def test_real_sample(tmp_path: Path) -> None:
-    if not REAL_SAMPLE.is_dir() or not (REAL_SAMPLE / "clicks_train.csv").is_file():
-        pytest.skip(f"real Outbrain sample not found at {REAL_SAMPLE} (looked for "
-                    f"../shared/data/outbrain_sample relative to the repository root)")
+    sample = need_real_sample()
     raw = tmp_path / "raw"
     raw.mkdir()
-    for csv in REAL_SAMPLE.glob("*.csv"):
+    for csv in sample.glob("*.csv"):
         shutil.copy(csv, raw / csv.name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

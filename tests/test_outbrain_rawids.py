@@ -14,7 +14,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from tests.test_outbrain_preproc import ROOT, _read_split
+from tests.conftest import need_real_sample
+from tests.test_outbrain_preproc import _read_split
 from wd_sok.data.loader import DataLoader
 from wd_sok.feature_spec import FeatureSpec
 from wd_sok.outbrain import features as F
@@ -22,9 +23,6 @@ from wd_sok.outbrain.cli import main
 from wd_sok.outbrain.pipeline import preprocess
 
 # beside the repository (../shared), or beside the worktrees folder (a git worktree at <root>/wt/<name>)
-SAMPLES = [ROOT / ".." / "shared" / "data" / "outbrain_sample",
-           ROOT / ".." / ".." / "shared" / "data" / "outbrain_sample"]
-REAL_SAMPLE = next((p for p in SAMPLES if (p / "clicks_train.csv").is_file()), SAMPLES[0])
 RAW = ["ad_id", "document_id", "document_id_promo", "campaign_id", "advertiser_id", "source_id", "geo_location",
        "geo_location_country", "geo_location_state", "publisher_id", "source_id_promo", "publisher_id_promo"]
 
@@ -35,12 +33,11 @@ def _h(text: str) -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    if not (REAL_SAMPLE / "clicks_train.csv").is_file():
-        pytest.skip(f"real Outbrain sample not found at {REAL_SAMPLE}")
+    sample = need_real_sample()
     root = tmp_path_factory.mktemp("ob")
     raw = root / "raw"
     raw.mkdir()
-    for csv in REAL_SAMPLE.glob("*.csv"):
+    for csv in sample.glob("*.csv"):
         shutil.copy(csv, raw / csv.name)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
