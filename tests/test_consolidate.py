@@ -9,6 +9,7 @@ import io
 import json
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,12 @@ import pytest
 from tests.dist.dynamic_ckpt import Model as DynModel
 from tests.dist.dynamic_ckpt import train as dyn_train
 from tests.dist.state import gathered_state
+from tests.s3_server import s3_bucket, s3_server  # noqa: F401 - fixtures
 from tests.test_checkpoint import DEEP, RUN, WIDE, FakeRuntime, assert_same_state, build, read_rank, train
 from tests.test_delta import _step_dyn, changed_ids, dyn_dense, dyn_import, dyn_state, late_batches, reset, save_delta
 from wd_sok import changes, checkpoint
 from wd_sok.checkpoint import consolidate as cons
-from wd_sok.checkpoint import delta, reader, writer
+from wd_sok.checkpoint import delta, merge, reader, writer
 from wd_sok.checkpoint import format as fmt
 from wd_sok.embedding.plan import Placement
 from wd_sok.embedding.sharded import ShardedEmbedding
@@ -256,7 +258,7 @@ def test_reads_are_bounded_by_a_block(pair: Path, monkeypatch: pytest.MonkeyPatc
     the largest array file holds far more: no array larger than a block is materialised."""
     monkeypatch.setattr(fmt, "BLOCK_BYTES", 64)
     sizes: list[int] = []
-    real_binary, real_ranges = cons.open_binary, cons.open_ranges
+    real_binary, real_ranges = merge.open_binary, merge.open_ranges
 
     class Counted:
         def __init__(self, f) -> None:  # noqa: ANN001
@@ -282,8 +284,9 @@ def test_reads_are_bounded_by_a_block(pair: Path, monkeypatch: pytest.MonkeyPatc
         r.ranges = lambda spans: (sizes.append(s[1]) or data for s, data in zip(spans, inner(spans), strict=True))
         return r
 
+    monkeypatch.setattr(merge, "open_binary", lambda p: Counted(real_binary(p)))
+    monkeypatch.setattr(merge, "open_ranges", ranges)
     monkeypatch.setattr(cons, "open_binary", lambda p: Counted(real_binary(p)))
-    monkeypatch.setattr(cons, "open_ranges", ranges)
     got = cons.consolidate(pair / "ckpt-9")
     files = manifest(got)["files"]
     largest = max(v["bytes"] for k, v in files.items() if k != "dense.npz")
@@ -298,3 +301,80 @@ def test_cli_routes_and_help_says_nothing_is_deleted(pair: Path) -> None:
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert (pair / f"ckpt-9-{RUN}" / "manifest.json").is_file() and (pair / "ckpt-9" / "manifest.json").is_file()
+
+
+def test_s3_model_dir(pair: Path, tmp_path: Path, s3_bucket: str) -> None:  # noqa: F811
+    """The same pair uploaded to an S3 API server (moto): consolidated there (storage seam), its objects are the
+    local consolidation's files, manifest aside (its written time)."""
+    from wd_sok import storage
+
+    store = storage.Store(f"{s3_bucket}/d")
+    for p in sorted(q for q in pair.rglob("*") if q.is_file()):
+        store.write_bytes(p.relative_to(pair).as_posix(), p.read_bytes())
+    local = cons.consolidate(pair / "ckpt-9")
+    url = cons.consolidate(f"{s3_bucket}/d/ckpt-9")
+    assert str(url) == f"{s3_bucket}/d/ckpt-9-{RUN}"
+    names = manifest(local)["files"]
+    assert json.loads(store.read_bytes(f"ckpt-9-{RUN}/manifest.json"))["files"] == names
+    for name in names:
+        assert store.read_bytes(f"ckpt-9-{RUN}/{name}") == (local / name).read_bytes(), name
+    with pytest.raises(checkpoint.CheckpointError, match="exists"):
+        cons.consolidate(f"{s3_bucket}/d/ckpt-9")
+
+
+def _npy(folder: Path, name: str, array: np.ndarray, files: dict) -> str:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    (folder / name).write_bytes(buf.getvalue())
+    files[name] = {"bytes": len(buf.getvalue()), "crc32": zlib.crc32(buf.getvalue())}
+    return name
+
+
+def _synthetic(folder: Path, step: int, shard: dict, arrays: dict, base: Path | None) -> None:
+    """A one-table checkpoint written with numpy and json only (deep/big, one shard)."""
+    folder.mkdir(parents=True)
+    files: dict = {}
+    buf = io.BytesIO()
+    np.savez(buf, **{"opt/wide_iterations": np.int64(step), "opt/deep_iterations": np.int64(step)})
+    (folder / "dense.npz").write_bytes(buf.getvalue())
+    files["dense.npz"] = {"bytes": len(buf.getvalue()), "crc32": zlib.crc32(buf.getvalue())}
+    shard = {**shard, "files": {a: _npy(folder, fmt.shard_file("deep/big", a, 0, 1), v, files)
+                                for a, v in arrays.items()}}
+    m = {"format": fmt.FORMAT, "version": fmt.VERSION, "step": step, "world_size": 1, "epoch": 0,
+         "step_in_epoch": step, "run": RUN, "commit": 1 + (base is not None), "files": files,
+         "tables": {"deep/big": {"arrays": list(arrays), "shards": [shard], "cardinality": 100_000, "dim": 16,
+                                 "dtype": "float32", "placement": delta.PLACEMENT if base else fmt.PLACEMENT}}}
+    if base is not None:
+        m.update(kind="delta", base=delta.base_ref(base))
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+def test_peak_memory_is_blocks_not_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 100,000 x 16 table (6.4 MB per array) with 64 KiB blocks: the consolidated arrays equal a numpy
+    reference (the delta's rows; the others the base's, rms halved 4 times), and tracemalloc's peak while
+    consolidating stays under a quarter of one array."""
+    import tracemalloc
+
+    monkeypatch.setattr(fmt, "BLOCK_BYTES", 64 << 10)
+    rng = np.random.default_rng(0)
+    value, rms = (rng.normal(size=(100_000, 16)).astype(np.float32) for _ in range(2))
+    rms = np.abs(rms)
+    rows = np.arange(3, 100_000, 7, dtype=np.int64)
+    new_value, new_rms = (rng.normal(size=(rows.size, 16)).astype(np.float32) for _ in range(2))
+    _synthetic(tmp_path / "ckpt-5", 5, {"rank": 0, "start": 0, "stride": 1, "count": 100_000},
+               {"value": value, "rms": rms}, None)
+    _synthetic(tmp_path / "ckpt-9", 9, {"rank": 0, "start": 0, "stride": 0, "count": rows.size},
+               {"row": rows, "value": new_value, "rms": new_rms}, tmp_path / "ckpt-5")
+    want_value, want_rms = value.copy(), rms * np.float32(0.5 ** 4)
+    want_value[rows], want_rms[rows] = new_value, new_rms
+    del value, rms
+    tracemalloc.start()
+    try:
+        got = cons.consolidate(tmp_path / "ckpt-9")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(np.load(got / fmt.shard_file("deep/big", "value", 0, 1)), want_value)
+    np.testing.assert_array_equal(np.load(got / fmt.shard_file("deep/big", "rms", 0, 1)), want_rms)
+    print(f"peak {peak} of a {want_value.nbytes}-byte array")
+    assert peak < want_value.nbytes // 4, (peak, want_value.nbytes)
