@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OSError, StorageError) as e:
         print(f"wd-sok: error: {e}", file=sys.stderr)
         return 2
+    except (KeyError, TypeError, ValueError) as e:  # a manifest field of the wrong shape
+        print(f"wd-sok: error: {args.path}: damaged checkpoint ({type(e).__name__}: {e})", file=sys.stderr)
+        return 2
     print(f"{args.path} + its base -> {final} (full)")
     return 0
 
