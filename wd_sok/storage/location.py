@@ -99,7 +99,25 @@ def filesystem(proto: str) -> Any:
 def reason(e: BaseException, location: Location = "") -> str:
     text = str(getattr(e, "strerror", None) or str(e) or type(e).__name__).strip()
     text = text.splitlines()[0][:300] if text else type(e).__name__
+    if isinstance(e, FileNotFoundError) and re.match(r"https?://|b/", text):  # gcsfs names the request
+        return "no such object"
     return "no such object" if str(location).endswith(text.strip("'\"")) else text
+
+
+def missing(location: Location, e: FileNotFoundError) -> str:
+    """Why ``location`` was not found: "bucket <url> does not exist" when that is the cause (one more request,
+    on object stores only), else :func:`reason`."""
+    proto = protocol(location)
+    if proto in BUCKETED:
+        bucket = f"{proto}://{str(location).split('://', 1)[1].split('/', 1)[0]}"
+        try:
+            fs = filesystem(proto)
+            fs.invalidate_cache(bucket)
+            if not fs.exists(bucket):
+                return f"bucket {bucket} does not exist"
+        except Exception:  # noqa: BLE001 - the original reason is still true
+            pass
+    return reason(e, location)
 
 
 @contextmanager
@@ -110,7 +128,7 @@ def errors(location: Location) -> Iterator[None]:
     except StorageError:
         raise
     except FileNotFoundError as e:
-        raise NotFound(f"{location}: not found ({reason(e, location)})") from None
+        raise NotFound(f"{location}: not found ({missing(location, e)})") from None
     except PermissionError as e:
         raise StorageError(f"{location}: access denied ({reason(e)}; check the credentials)") from None
     except Exception as e:  # botocore / aiohttp / gcsfs errors are not OSErrors
