@@ -35,7 +35,7 @@ from wd_sok import storage
 LIMIT = 300
 METRICS = ("loss_val", "auc_roc", "streaming_map_val")
 # row-wise tables: sparse updates leave rows untouched, so the preemption save is a delta (tests/test_delta_dist.py)
-RUN = ("--num_epochs", "2", "--embedding_plan", "row", "--checkpoint_steps", "20", "--log_every", "5")
+RUN = ("--num_epochs", "1", "--embedding_plan", "row", "--checkpoint_steps", "20", "--log_every", "5")
 OWN = "tests/dist/own_dirs.py"
 
 pytestmark = pytest.mark.skipif(not common.horovodrun(), reason="horovodrun not installed")
@@ -135,7 +135,7 @@ def test_two_ranks_on_s3_sigterm_resume_under_one_and_three_ranks_equals_local_d
     store.write_bytes(f"ckpt-90/{shard}", store.read_bytes(f"ckpt-{stop}/{shard}"))
     remote, out = _launch(1, tmp_path / "s3" / "resume1", remote_data, model_dir, "--use_checkpoint")
     assert f"restored {model_dir}/ckpt-{stop} (" in out and "written by 2 rank(s)" in out, out[-4000:]
-    assert "ckpt-90" not in store.listdir()  # removed at start-up (ckpt-80 and ckpt-100 were saved after)
+    assert "ckpt-90" not in store.listdir()  # removed at start-up
     local, _ = _launch(1, tmp_path / "local" / "resume1", str(data), str(tmp_path / "local" / "ckpt"),
                        "--use_checkpoint")
     for k in METRICS:
