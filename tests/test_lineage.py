@@ -15,11 +15,12 @@ import pytest
 import tensorflow as tf
 
 from tests.dist.state import gathered_state
-from tests.test_checkpoint import FakeRuntime, assert_same_state, build, restore, train
+from tests.test_checkpoint import FakeRuntime, assert_same_state, build, read_rank, restore, train, write_multi_rank
 from tests.test_dynamic_export import trainer_with_dynamic_tables
 from tests.test_train import run_main
 from wd_sok import checkpoint
 from wd_sok.checkpoint import convert, lineage
+from wd_sok.checkpoint import format as fmt
 from wd_sok.checkpoint.format import shard_file
 from wd_sok.embedding.replicated import ReplicatedEmbedding
 from wd_sok.feature_spec import TableConfig
@@ -215,6 +216,28 @@ def test_dynamic_table_damage_in_any_file_falls_back(tmp_path: Path, array: str)
     with pytest.warns(UserWarning, match=f"ckpt-2: table '{table}' \\({name}\\): checksum does not match"):
         _, got = restore(tmp_path, *parts)
     assert got == tmp_path / "ckpt-1"
+
+
+def test_a_block_read_alone_is_checked_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank that reads only some blocks of a fixed table's file (here blocks of one row, so rank 0 of 2 reads
+    the even rows of a file written by 1 rank) checks each block against its own CRC32 in the manifest; before,
+    only the size was checked unless the whole file was read, and the damaged row was restored."""
+    monkeypatch.setattr(fmt, "BLOCK_BYTES", 1)  # block_rows(dim) = 1
+    whole = write_multi_rank(tmp_path, 1)
+    folder = tmp_path / "ckpt-5"
+    name = shard_file("deep/a", "value", 0, 1)
+    entry = json.loads((folder / "manifest.json").read_text())["files"][name]
+    assert entry["block_rows"] == 1 and len(entry["block_crc32"]) == whole["deep/a"].shape[0]
+    data = bytearray((folder / name).read_bytes())
+    with (folder / name).open("rb") as f:
+        offset = fmt.read_npy_header(f)[2]
+    data[offset + whole["deep/a"].shape[1] * 4 * 2 + 1] ^= 0x10  # row 2: rank 0's under 2 ranks
+    (folder / name).write_bytes(bytes(data))
+    model, wo, do, _ = build(1, 2, seed=3)
+    read_rank(folder, model, wo, do)  # rank 1 reads odd rows only: nothing damaged among them
+    model, wo, do, _ = build(0, 2, seed=3)
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=rf"table 'deep/a' \({name}\): rows 2-2 do not match"):
+        read_rank(folder, model, wo, do)
 
 
 def test_convert_names_a_damaged_legacy_checkpoint(tmp_path: Path) -> None:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from wd_sok.storage.crc import Pieces
 
 ALIGN = 4096
 CHUNK = 8 << 20  # bytes staged per direct write
@@ -41,15 +42,16 @@ def _open(path: Path, flags: int) -> tuple[int, bool]:
 
 class SequentialWriter:
     """Write one file front to back; ``close()`` makes it durable (fsync). :attr:`crc` is the running CRC32
-    of everything written; :meth:`write_behind` writes in a background thread while the caller prepares the
-    next piece (one piece in flight: the caller must not change a piece it handed over until the next call)."""
+    of everything written, :attr:`pieces` the CRC32 of each piece written (one per call); :meth:`write_behind`
+    writes in a background thread while the caller prepares the next piece (one piece in flight: the caller
+    must not change a piece it handed over until the next call)."""
 
     def __init__(self, path: Path) -> None:
         self.fd, self.direct = _open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         self.stage = mmap.mmap(-1, CHUNK) if self.direct else None
         self.fill = 0
         self.size = 0
-        self.crc = 0
+        self._crc = Pieces()
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
 
@@ -65,7 +67,7 @@ class SequentialWriter:
 
     def write(self, data: bytes | memoryview | np.ndarray) -> None:
         data = memoryview(data).cast("B")
-        self.crc = zlib.crc32(data, self.crc)
+        self._crc.add(data)
         self.size += len(data)
         if self.stage is None:
             while data:
@@ -77,6 +79,14 @@ class SequentialWriter:
             self.fill, data = self.fill + n, data[n:]
             if self.fill == CHUNK:
                 self._flush(CHUNK)
+
+    @property
+    def crc(self) -> int:
+        return self._crc.crc
+
+    @property
+    def pieces(self) -> list[int]:
+        return self._crc.pieces
 
     def _flush(self, n: int) -> None:
         done = 0
@@ -117,12 +127,13 @@ class RangeReader:
 
     :meth:`ranges` yields each range as a uint8 numpy view of a page-aligned staging buffer (valid until the
     next one is taken: two buffers alternate) and keeps :attr:`crc`, the running CRC32 of every byte read, in
-    order, computed in the reading thread too. O_DIRECT reads cover the aligned superset of a range.
+    order, and :attr:`range_crcs`, the CRC32 of each range (there when the range is yielded), computed in the
+    reading thread too. O_DIRECT reads cover the aligned superset of a range.
     """
 
     def __init__(self, path: Path, crc: int = 0) -> None:
         self.fd, self.direct = _open(path, os.O_RDONLY)
-        self.crc = crc
+        self._crc = Pieces(crc)
         self._buffers: list[np.ndarray] = []
 
     def _buffer(self, i: int, span: int) -> np.ndarray:
@@ -141,8 +152,16 @@ class RangeReader:
         got = os.preadv(self.fd, [buf], start)
         lo = offset - start
         out = buf[lo:min(lo + length, got)]
-        self.crc = zlib.crc32(out, self.crc)
+        self._crc.add(out)
         return out
+
+    @property
+    def crc(self) -> int:
+        return self._crc.crc
+
+    @property
+    def range_crcs(self) -> list[int]:
+        return self._crc.pieces
 
     def ranges(self, spans: list[tuple[int, int]]) -> Iterator[np.ndarray]:
         """Yield the bytes of each (offset, length) of ``spans`` (short at the end of the file)."""

@@ -134,8 +134,10 @@ class Ids:
 
 
 @contextlib.contextmanager
-def _outputs(folder: AnyPath, names: dict[str, str], shapes: dict[str, tuple], files: dict) -> Any:
-    """Open one streamed output per array (``{array: file name}``), headers written; records them at the end."""
+def _outputs(folder: AnyPath, names: dict[str, str], shapes: dict[str, tuple], files: dict,
+             step: int = 0) -> Any:
+    """Open one streamed output per array (``{array: file name}``), headers written; records them at the end
+    (with ``step``: written in blocks of ``step`` rows, one CRC32 per block recorded too, as the writer does)."""
     with contextlib.ExitStack() as stack:
         outs = {}
         for array, name in names.items():
@@ -146,6 +148,8 @@ def _outputs(folder: AnyPath, names: dict[str, str], shapes: dict[str, tuple], f
         yield outs
     for array, name in names.items():
         files[name] = {"bytes": outs[array].size, "crc32": outs[array].crc}
+        if step:
+            files[name] |= {"block_rows": step, "block_crc32": outs[array].pieces[1:]}
 
 
 def fixed_table(out: AnyPath, key: str, base: tuple, new: tuple, age: int, files: dict) -> dict[str, Any]:
@@ -165,7 +169,7 @@ def fixed_table(out: AnyPath, key: str, base: tuple, new: tuple, age: int, files
             return (g >= start) & ((g - start) % stride == 0)
 
         with _outputs(out, {a: shard["files"][a] for a in arrays}, dict.fromkeys(arrays, (count, dim)),
-                      files) as outs:
+                      files, step) as outs:
             for lo in range(0, count, step):
                 hi = min(count, lo + step)
                 hits = []

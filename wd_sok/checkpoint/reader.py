@@ -194,7 +194,14 @@ def _read_shard(folder: AnyPath, state: TableState, array: str, shard: dict[str,
     """Copy the rows of one shard file that this rank owns into ``state``'s ``array``; a file holding none of
     them is not opened at all."""
     name, dim, count = shard["files"][array], state.table.dim, int(shard["count"])
-    start, stride, step = int(shard["start"]), int(shard["stride"]), block_rows(dim)
+    want = files.get(name, {})
+    sums = want.get("block_crc32")  # one CRC32 per block of `block_rows` rows (written since 2026-12: older
+    step = want.get("block_rows") if sums is not None else block_rows(dim)  # files check size when read in part)
+    start, stride = int(shard["start"]), int(shard["stride"])
+    where = f"{folder}: table '{state.key}' ({name})"
+    if sums is not None and not (isinstance(step, int) and step > 0 and isinstance(sums, list)
+                                 and len(sums) == -(-count // step)):
+        raise CorruptCheckpoint(f"{where}: the manifest's block checksums do not fit {count} rows")
 
     def owned(lo: int) -> tuple[int, np.ndarray, np.ndarray]:
         hi = min(count, lo + step)
@@ -203,8 +210,6 @@ def _read_shard(folder: AnyPath, state: TableState, array: str, shard: dict[str,
     blocks = [lo for lo in range(0, count, step) if owned(lo)[1].any()]  # those holding rows this rank owns
     if not blocks:
         return
-    where = f"{folder}: table '{state.key}' ({name})"
-    want = files.get(name, {})
     path = folder / name
     try:
         size = path.stat().st_size
@@ -224,10 +229,12 @@ def _read_shard(folder: AnyPath, state: TableState, array: str, shard: dict[str,
         raise CorruptCheckpoint(f"{where}: holds {shape} {dtype}, the manifest says ({count}, {dim}) float32")
     spans = [(offset + lo * dim * 4, (min(count, lo + step) - lo) * dim * 4) for lo in blocks]
     with open_ranges(path, crc) as f:  # O_DIRECT where possible, ranged GETs remotely; next block meanwhile
-        for lo, data in zip(blocks, f.ranges(spans), strict=True):
+        for k, (lo, data) in enumerate(zip(blocks, f.ranges(spans), strict=True)):
             hi, mask, var_rows = owned(lo)
             if data.size != (hi - lo) * dim * 4:
                 raise CorruptCheckpoint(f"{where}: ends inside row {lo + data.size // (dim * 4)}")
+            if sums is not None and f.range_crcs[k] != sums[lo // step]:
+                raise CorruptCheckpoint(f"{where}: rows {lo}-{hi - 1} do not match their checksum (damaged file)")
             block = data.view(np.float32).reshape(hi - lo, dim)
             state.write(array, var_rows, block if mask.all() else block[mask])
     if whole and f.crc != want.get("crc32"):

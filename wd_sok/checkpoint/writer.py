@@ -152,7 +152,8 @@ def _write_table(folder: AnyPath, state: TableState, runtime: Runtime, files: di
             f.write(header.getvalue())  # in the checksum too: a damaged header is a damaged file
             for lo in range(0, rows.count, step):  # block k is written while block k + 1 is read
                 f.write_behind(np.ascontiguousarray(state.read(array, lo, min(rows.count, lo + step)), np.float32))
-        files[name] = {"bytes": f.size, "crc32": f.crc}
+        # one CRC32 per block too (pieces after the header), so a rank reading only some blocks checks them
+        files[name] = {"bytes": f.size, "crc32": f.crc, "block_rows": step, "block_crc32": f.pieces[1:]}
         shard["files"][array] = name
     return shard
 

@@ -16,7 +16,6 @@ answers from the store every time (no listing cache: other ranks and hosts write
 from __future__ import annotations
 
 import posixpath
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from wd_sok.storage.crc import Pieces
 from wd_sok.storage.location import Location, errors, filesystem, is_url, local_path, protocol
 from wd_sok.storage.store import Store, Writer
 
@@ -162,16 +162,25 @@ def read_head(p: AnyPath, length: int) -> bytes:
 class ObjectRangeReader:
     """:class:`~wd_sok.checkpoint.directio.RangeReader`'s interface over an object: :meth:`ranges` yields each
     (offset, length) as a uint8 array, one ranged GET each, the next one fetched by a background thread
-    meanwhile; :attr:`crc` is the running CRC32 of everything read, in order; :attr:`bytes_read` counts."""
+    meanwhile; :attr:`crc` is the running CRC32 of everything read, in order, :attr:`range_crcs` each range's
+    (there when it is yielded); :attr:`bytes_read` counts."""
 
     def __init__(self, p: ObjectPath, crc: int = 0) -> None:
-        self.store, self.crc, self.bytes_read = Store(p.url), crc, 0
+        self.store, self._crc, self.bytes_read = Store(p.url), Pieces(crc), 0
 
     def _read(self, offset: int, length: int) -> np.ndarray:
         data = np.frombuffer(self.store.read_range("", offset, length), np.uint8)
-        self.crc = zlib.crc32(data, self.crc)
+        self._crc.add(data)
         self.bytes_read += data.size
         return data
+
+    @property
+    def crc(self) -> int:
+        return self._crc.crc
+
+    @property
+    def range_crcs(self) -> list[int]:
+        return self._crc.pieces
 
     def ranges(self, spans: list[tuple[int, int]]) -> Iterator[np.ndarray]:
         with ThreadPoolExecutor(1) as pool:

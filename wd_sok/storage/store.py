@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from wd_sok.storage.crc import Pieces
 from wd_sok.storage.location import (
     BUCKETED,
     Location,
@@ -33,7 +34,7 @@ class Writer:
     """A file or object written front to back: :meth:`write` (or :meth:`write_behind`, which writes a local
     file in a background thread while the caller prepares the next piece: one piece in flight, not to be
     changed until the next call; an upload writes at once), then :meth:`close`, which makes it durable and
-    returns ``{"bytes", "crc32"}``.
+    returns ``{"bytes", "crc32"}``; :attr:`pieces` holds the CRC32 of each piece written (one per call).
 
     Remote objects stream as multipart uploads of :data:`PART_BYTES` parts: the writer holds at most one
     part plus the piece being written (:attr:`peak_buffered` records the most it held).
@@ -41,7 +42,8 @@ class Writer:
 
     def __init__(self, store: Store, rel: str) -> None:
         self.location = store.url(rel)
-        self.size, self.crc, self.peak_buffered = 0, 0, 0
+        self.size, self.peak_buffered = 0, 0
+        self._crc = Pieces()
         self._pool: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         if store.is_local:
@@ -59,9 +61,9 @@ class Writer:
         view = memoryview(data).cast("B")
         if self._local is not None:
             self._local.write(view)
-            self.size, self.crc = self._local.size, self._local.crc
+            self.size, self._crc = self._local.size, self._local._crc  # noqa: SLF001 - the local writer's CRCs
             return
-        self.crc = zlib.crc32(view, self.crc)
+        self._crc.add(view)
         self.size += len(view)
         TRAFFIC["put_bytes"] += len(view)
         buffer = getattr(self._remote, "buffer", None)  # fsspec's buffered files; memory:// has none
@@ -73,6 +75,14 @@ class Writer:
                 self._remote.write(view[:room])  # a full part is uploaded inside this call
                 view = view[room:]
                 buffer = getattr(self._remote, "buffer", None)  # a flush replaces it
+
+    @property
+    def crc(self) -> int:
+        return self._crc.crc
+
+    @property
+    def pieces(self) -> list[int]:
+        return self._crc.pieces
 
     def write_behind(self, data: bytes | memoryview | np.ndarray) -> None:
         if self._remote is not None:  # an upload is far slower than preparing the next piece: no overlap to
