@@ -15,11 +15,14 @@ against the full base), its bytes vs the base's; then the same command with ``--
 epoch and its final metrics (loss, AUC, MAP@12) are compared with those of one uninterrupted run.
 
 Targets: ``sigterm_delta_5s`` (per kill step): both ranks exit 143, a delta was written, signal -> exit
-< 5 s; ``resume_equals_uninterrupted``: final metrics equal (|diff| <= 1e-6).
+< 5 s; ``resume_equals_uninterrupted``: final metrics equal (|diff| <= 1e-6). ``timeline``: the output lines
+after the signal, timestamped as read (the save line, each rank's last line, horovodrun's exit lines). The
+launch environment passes through (e.g. ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``: see benchmarks/README.md).
 
 Usage::
 
-    .venv/bin/python benchmarks/delta_sigterm.py                         # 2 x 2e7 x 32 (~15 min, 24 GiB RAM)
+    .venv/bin/python benchmarks/delta_sigterm.py                         # 2 x 2e7 x 32 (~25 min, 14 GB RAM)
+    .venv/bin/python benchmarks/delta_sigterm.py --kill_at 14 --no_resume --out delta_sigterm_2e7_timeline
     .venv/bin/python benchmarks/delta_sigterm.py --rows 1000000 --steps 20 --kill_at 14   # quick
 """
 
