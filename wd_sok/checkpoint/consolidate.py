@@ -111,18 +111,9 @@ def consolidate(path: str | os.PathLike, output: str | os.PathLike | None = None
 
 def _check_base(folder: AnyPath, dm: dict[str, Any], base: AnyPath) -> dict[str, Any]:
     """The base's manifest, after checking it is the full checkpoint the delta was written against."""
-    try:
-        data = (base / MANIFEST).read_bytes()
-    except OSError as e:
-        raise CorruptCheckpoint(f"{folder}: its base {base}: {e.strerror or e}") from None
-    if zlib.crc32(data) != dm.get("base", {}).get("crc32"):
-        raise CorruptCheckpoint(f"{folder}: its base {base.name} is not the checkpoint it was written against "
-                                "(manifest checksum differs)")
-    bm = read_manifest(base)
+    bm = delta.base_manifest(folder, dm, base)
     if delta.is_delta(bm):
         raise CorruptCheckpoint(f"{folder}: its base {base.name} is a delta, not a full checkpoint")
-    if set(dm["tables"]) != set(bm["tables"]):
-        raise CorruptCheckpoint(f"{folder}: {MANIFEST}: its tables are not its base's")
     for key, b in bm["tables"].items():
         d, marker = dm["tables"][key], (delta.POS if b.get("placement") == keyed.PLACEMENT else delta.ROW)
         if (d["cardinality"], d["dim"]) != (b["cardinality"], b["dim"]) or \

@@ -165,23 +165,30 @@ def write_keyed(folder: Path, state: KeyedTableState, rank: int, world: int, fil
 
 
 # ---------------------------------------------------------------------------------------------- restore
+def base_manifest(folder: Path, dm: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The manifest of ``base``, after checking it is the checkpoint delta ``folder`` (manifest ``dm``) was
+    written against (the CRC32 of its manifest bytes) and holds the same tables; CorruptCheckpoint if not."""
+    try:
+        data = (base / MANIFEST).read_bytes()
+    except OSError as e:
+        raise CorruptCheckpoint(f"{folder}: its base {base.name}: {e.strerror or e}") from None
+    if zlib.crc32(data) != dm.get("base", {}).get("crc32"):
+        raise CorruptCheckpoint(f"{folder}: its base {base.name} is not the checkpoint it was written against "
+                                "(manifest checksum differs)")
+    bm = read_manifest(base)
+    if set(dm["tables"]) != set(bm["tables"]):
+        raise CorruptCheckpoint(f"{folder}: {MANIFEST}: its tables are not its base's")
+    return bm
+
+
 def read_pair(base: Path, delta: Path, tables: list[State], import_dense: reader.DenseImport) -> dict[str, Any]:
     """Restore this rank's part of full checkpoint ``base`` + delta ``delta`` (no collectives); returns the
     delta's manifest. CorruptCheckpoint when either is damaged or ``delta`` was not written against ``base``."""
     dm = read_manifest(delta)
     if not is_delta(dm):
         raise CorruptCheckpoint(f"{delta}: {MANIFEST}: not a delta checkpoint")
-    try:
-        data = (base / MANIFEST).read_bytes()
-    except OSError as e:
-        raise CorruptCheckpoint(f"{delta}: its base {base.name}: {e.strerror}") from None
-    if zlib.crc32(data) != dm.get("base", {}).get("crc32"):
-        raise CorruptCheckpoint(f"{delta}: its base {base.name} is not the checkpoint it was written against "
-                                "(manifest checksum differs)")
-    bm = read_manifest(base)
+    bm = base_manifest(delta, dm, base)
     reader.check_compatible(base, bm, tables)
-    if set(dm["tables"]) != set(bm["tables"]):
-        raise CorruptCheckpoint(f"{delta}: {MANIFEST}: its tables are not its base's")
     if any(isinstance(s, KeyedTableState) for s in tables) and dm["world_size"] != bm["world_size"]:
         raise CorruptCheckpoint(f"{delta}: written by {dm['world_size']} ranks, its base by {bm['world_size']}: "
                                 "dynamic tables' positions do not match")
