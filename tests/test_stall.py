@@ -187,6 +187,12 @@ def test_a_broken_collective_is_one_line_naming_the_silent_rank() -> None:
     assert _collective_line(rt, shut) == (
         "wd-sok: error (rank 0, phase save): a collective failed (Horovod has been shut down); another rank exited "
         "or broke: see its output; exit 3 (--debug shows the traceback)")
+    graph = tf.errors.UnknownError(None, None, (  # the same failure inside a tf.function (CI, stop 28)
+        "Graph execution error:\n\nDetected at node HorovodAllreduce_grads_0 defined at (most recent call last):\n"
+        "  File \"main.py\", line 9, in <module>\n  File \"/x/horovod/tensorflow/__init__.py\", line 3\n"
+        "Node: 'HorovodAllreduce_grads_0'\nHorovod has been shut down. This was caused by an exception on one of "
+        "the ranks.\n\t [[{{node HorovodAllreduce_grads_0}}]] [Op:__inference_train_step_4567]"))
+    assert _collective_failure(graph) and _collective_line(rt, graph) == _collective_line(rt, shut)
     rt.silent_ranks = lambda: [1, 2]
     timeout = tf.errors.UnknownError(None, None, "[pair.cc:598] Timed out waiting 150000ms for recv operation")
     assert _collective_line(rt, timeout).endswith(

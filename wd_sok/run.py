@@ -122,6 +122,9 @@ def _check_writable(flag: str, path: str) -> None:
         raise ValueError(f"--{flag} {path} is not writable ({e.strerror})") from None
 
 
+_COLLECTIVE_WORDS = ("Horovod", "Gloo", "gloo", "Timed out waiting", "Connection closed by peer")
+
+
 def _collective_failure(e: BaseException) -> bool:
     """Whether ``e`` is Horovod / Gloo reporting a broken collective (a peer gone, stopped or timed out)."""
     if type(e).__name__ == "HorovodInternalError":
@@ -129,8 +132,7 @@ def _collective_failure(e: BaseException) -> bool:
     import tensorflow as tf
 
     text = str(e)
-    return isinstance(e, tf.errors.OpError) and any(
-        k in text for k in ("Horovod", "Gloo", "gloo", "Timed out waiting", "Connection closed by peer"))
+    return isinstance(e, tf.errors.OpError) and any(k in text for k in _COLLECTIVE_WORDS)
 
 
 def _collective_line(runtime, e: BaseException) -> str:  # noqa: ANN001 - a wd_sok.distributed.Runtime
@@ -138,7 +140,12 @@ def _collective_line(runtime, e: BaseException) -> str:  # noqa: ANN001 - a wd_s
     import re
 
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", str(e))  # TensorFlow's op wrapper names
-    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(e).__name__)
+    # a graph function's error wraps Horovod's words in "Graph execution error:", "Detected at node <op> defined
+    # at", the Python stack ("File ..."), "Node: <op>" and "[[{{node <op>}}]]" lines: skip those
+    wrapper = ("Graph execution error", "Detected at node", "File ", "Node:", "[[")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(wrapper)]
+    first = next((ln for ln in lines if any(k in ln for k in _COLLECTIVE_WORDS)),
+                 next(iter(lines), type(e).__name__))
     first = first.split(". ")[0].rstrip(".")[:160]  # "Horovod has been shut down", "Timed out waiting ..."
     silent = runtime.silent_ranks()
     blame = (f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped answering"
