@@ -24,7 +24,7 @@ demo: setup $(DEMO)/feature_spec.yaml
 	@echo "Bayes-optimal reference for this data: $$(cat $(DEMO)/generator_report.json)"
 
 test: setup-dist
-	$(PY) -m pytest tests/ -q -ra
+	$(PY) -m pytest tests/ -q -ra --durations=25
 
 lint: setup
 	.venv/bin/ruff check wd_sok tests main.py benchmarks scripts

@@ -83,6 +83,12 @@ def tiny_frame(n: int, seed: int, start_display: int = 0) -> pd.DataFrame:
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     """A tiny dataset folder with feature_spec.yaml; train 4x50 rows, test 2 files with whole groups."""
+    return make_tiny_dataset(tmp_path)
+
+
+def make_tiny_dataset(tmp_path: Path) -> Path:
+    """``tiny_dataset``'s folder, written into ``tmp_path`` (which may be new)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tiny_spec_dict(n_train_files=4, n_test_files=2)
     (tmp_path / "train").mkdir()
     (tmp_path / "test").mkdir()

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from tests.conftest import ROOT, null_inside_list
+from tests.conftest import ROOT, make_tiny_dataset, null_inside_list
 
 TINY = ["--global_batch_size", "32", "--eval_batch_size", "64", "--num_epochs", "1", "--deep_hidden_units", "8",
         "--deep_warmup_epochs", "0"]
@@ -116,23 +116,44 @@ CASES: list[tuple[str, Callable[[Path], list[str] | None], str]] = [
 ]
 
 
+def _argv(root: Path, extra: list[str]) -> list[str]:
+    return ["--dataset_path", str(root), "--model_dir", str(root / "out/ckpt"), "--results_dir",
+            str(root / "out/results"), *TINY, *extra]
+
+
 def _run(root: Path, extra: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "main.py"), "--dataset_path", str(root), "--model_dir", str(root / "out/ckpt"),
-           "--results_dir", str(root / "out/results"), *TINY, *extra]
+    cmd = [sys.executable, str(ROOT / "main.py"), *_argv(root, extra)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-@pytest.mark.parametrize("name,break_it,message", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_rejected_cleanly(tiny_dataset: Path, name: str, break_it, message: str) -> None:  # noqa: ANN001
-    extra = break_it(tiny_dataset)
-    extra = extra if isinstance(extra, list) else []
-    before = {p for p in tiny_dataset.rglob("*")}
-    proc = _run(tiny_dataset, extra)
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert errors and any(__import__("re").search(message, line) for line in errors), proc.stderr[-2000:]
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, set[Path], Path]]:
+    """Every case of CASES in its own broken copy of the tiny dataset, all run by one process
+    (tests/dist/main_many.py: one TensorFlow import instead of one per case). name -> (dataset, files before, out)."""
+    base, jobs, cases = tmp_path_factory.mktemp("bad_input"), [], {}
+    for i, (name, break_it, _) in enumerate(CASES):
+        root = make_tiny_dataset(base / f"case{i:02d}")
+        extra = break_it(root)
+        extra = extra if isinstance(extra, list) else []
+        before = {p for p in root.rglob("*")}
+        jobs.append({"argv": _argv(root, extra), "out": str(base / f"result{i:02d}")})
+        cases[name] = (root, before, base / f"result{i:02d}")
+    (base / "jobs.json").write_text(__import__("json").dumps(jobs))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/dist/main_many.py"), str(base / "jobs.json")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return cases
+
+
+@pytest.mark.parametrize("name,message", [(c[0], c[2]) for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_rejected_cleanly(refusals: dict, name: str, message: str) -> None:
+    root, before, result = refusals[name]
+    stdout, stderr = (result / "stdout").read_text(), (result / "stderr").read_text()
+    assert (result / "rc").read_text() == "2", stdout[-2000:] + stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert errors and any(__import__("re").search(message, line) for line in errors), stderr[-2000:]
     # nothing half-written: no checkpoint, no log, no new parquet
-    after = {p for p in tiny_dataset.rglob("*")} - before
+    after = {p for p in root.rglob("*")} - before
     leftovers = [p for p in after if p.is_file()]
     assert not leftovers, leftovers
 
