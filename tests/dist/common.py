@@ -109,13 +109,50 @@ def make_dataset(root: Path, seed: int = 0) -> Path:
 
 
 def horovodrun() -> str:
-    """The horovodrun next to this Python (the project's .venv), else the one on PATH; '' if none."""
-    here = Path(sys.executable).parent / "horovodrun"
-    if here.exists():
-        return str(here)
-    from shutil import which
+    """A horovodrun for the tests: Horovod's own launcher (the one next to this Python, the project's .venv,
+    else the one on PATH) without its build probe; '' if there is none.
 
-    return which("horovodrun") or ""
+    Before it starts the ranks, horovodrun checks that Horovod was built with Gloo by importing
+    horovod.tensorflow (and so TensorFlow) in a child process: ~8 s of one core per launch, ~40 launches in the
+    suite. Setup has already checked the build (scripts/setup_env.sh --dist), and a rank's ``hvd.init()`` fails
+    on a build without Gloo anyway, so the tests' launcher answers the probe itself: the same
+    ``horovod.runner.launch.run_commandline`` with ``gloo_built`` returning True (launch.py calls it only to
+    refuse a build without Gloo). tests/test_bad_input.py and tests/test_first_run.py run the real one.
+    """
+    here = Path(sys.executable).parent / "horovodrun"
+    if not here.exists():
+        from shutil import which
+
+        if not which("horovodrun"):
+            return ""
+    return str(_fast_launcher())
+
+
+_LAUNCHER = """#!{python}
+# horovodrun without its build probe: written by tests/dist/common.py (see horovodrun() there)
+import sys
+
+import horovod.runner.launch as launch
+
+if __name__ == "__main__":  # Horovod starts helper processes by spawn, which imports this file again
+    launch.gloo_built = lambda verbose=False: True
+    sys.exit(launch.run_commandline())
+"""
+
+
+def _fast_launcher() -> Path:
+    """The launcher script, written once per Python into the temp folder (atomically: write, then rename)."""
+    import hashlib
+    import tempfile
+
+    text = _LAUNCHER.format(python=sys.executable)
+    path = Path(tempfile.gettempdir()) / f"wd_sok_horovodrun_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    if not path.exists():
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        os.replace(tmp, path)
+    return path
 
 
 def env(extra: dict[str, str] | None = None) -> dict[str, str]:
