@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,9 +138,10 @@ def refusals(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
         extra = break_it(root)
         extra = extra if isinstance(extra, list) else []
         before = {p for p in root.rglob("*")}
-        jobs.append({"argv": _argv(root, extra), "out": str(base / f"result{i:02d}")})
-        cases[name] = (root, before, base / f"result{i:02d}")
-    (base / "jobs.json").write_text(__import__("json").dumps(jobs))
+        result = base / f"result{i:02d}"
+        jobs.append({"argv": _argv(root, extra), "out": str(result)})
+        cases[name] = (root, before, result)
+    (base / "jobs.json").write_text(json.dumps(jobs))
     proc = subprocess.run([sys.executable, str(ROOT / "tests/dist/main_many.py"), str(base / "jobs.json")],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -151,7 +154,7 @@ def test_bad_input_is_rejected_cleanly(refusals: dict, name: str, message: str) 
     stdout, stderr = (result / "stdout").read_text(), (result / "stderr").read_text()
     assert (result / "rc").read_text() == "2", stdout[-2000:] + stderr[-2000:]
     errors = [line for line in stderr.splitlines() if "error" in line.lower()]
-    assert errors and any(__import__("re").search(message, line) for line in errors), stderr[-2000:]
+    assert errors and any(re.search(message, line) for line in errors), stderr[-2000:]
     # nothing half-written: no checkpoint, no log, no new parquet
     after = {p for p in root.rglob("*")} - before
     leftovers = [p for p in after if p.is_file()]
@@ -208,7 +211,7 @@ def test_fresh_run_in_a_used_model_dir_is_refused_and_touches_nothing(tiny_datas
     proc = _run(tiny_dataset, ["--deep_learning_rate", "0.01"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and __import__("re").search(
+    assert len(errors) == 1 and re.search(
         r"--model_dir \S+/out/ckpt holds 1 checkpoint\(s\), latest ckpt-\d+: step \d+, run [0-9a-f]{16}, .* UTC; "
         r"resume that run with --use_checkpoint .* or start over with --overwrite", errors[0]), proc.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

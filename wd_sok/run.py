@@ -143,7 +143,7 @@ def _collective_line(runtime, e: BaseException) -> str:  # noqa: ANN001 - a wd_s
     # a graph function's error wraps Horovod's words in "Graph execution error:", "Detected at node <op> defined
     # at", the Python stack ("File ..."), "Node: <op>" and "[[{{node <op>}}]]" lines: skip those
     wrapper = ("Graph execution error", "Detected at node", "File ", "Node:", "[[")
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith(wrapper)]
+    lines = [ln for ln in map(str.strip, text.splitlines()) if ln and not ln.startswith(wrapper)]
     first = next((ln for ln in lines if any(k in ln for k in _COLLECTIVE_WORDS)),
                  next(iter(lines), type(e).__name__))
     first = first.split(". ")[0].rstrip(".")[:160]  # "Horovod has been shut down", "Timed out waiting ..."

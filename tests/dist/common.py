@@ -109,8 +109,8 @@ def make_dataset(root: Path, seed: int = 0) -> Path:
 
 
 def horovodrun() -> str:
-    """A horovodrun for the tests: Horovod's own launcher (the one next to this Python, the project's .venv,
-    else the one on PATH) without its build probe; '' if there is none.
+    """A horovodrun for the tests: Horovod's own launcher, run by this Python (the project's .venv), without its
+    build probe; without Horovod here, the horovodrun on PATH; '' if there is none.
 
     Before it starts the ranks, horovodrun checks that Horovod was built with Gloo by importing
     horovod.tensorflow (and so TensorFlow) in a child process: ~8 s of one core per launch, ~40 launches in the
@@ -119,12 +119,12 @@ def horovodrun() -> str:
     ``horovod.runner.launch.run_commandline`` with ``gloo_built`` returning True (launch.py calls it only to
     refuse a build without Gloo). tests/test_bad_input.py and tests/test_first_run.py run the real one.
     """
-    here = Path(sys.executable).parent / "horovodrun"
-    if not here.exists():
+    import importlib.util
+
+    if importlib.util.find_spec("horovod") is None:  # the launcher script runs Horovod of this Python
         from shutil import which
 
-        if not which("horovodrun"):
-            return ""
+        return which("horovodrun") or ""
     return str(_fast_launcher())
 
 
