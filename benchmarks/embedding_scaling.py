@@ -86,16 +86,19 @@ def scaling_spec(rows: int, dim: int, n_onehot: int = 2, n_multihot: int = 1, ho
 
 
 def ladder(rows_list: list[int], nps: list[int], backends: list[str], reps: int, dim: int, hidden: list[int],
-           batch: int, warmup: int, steps: int, train_rows: int, timeout: float, loader_fix: bool = True
-           ) -> list[dict[str, Any]]:
+           batch: int, warmup: int, steps: int, train_rows: int, timeout: float, loader_fix: bool = True,
+           held_steps: int = 0) -> list[dict[str, Any]]:
     """Run every (rows, np, backend) job ``reps`` times, interleaved, the backends' order rotated by one each
     repetition (so none always runs right after another, on a machine whose load drifts); the raw result
     dicts.
 
     ``loader_fix=False`` passes ``--no_loader_fix`` to every worker (Merlin's loader thread busy-waits, as
-    unpatched; see ``wd_sok.data.merlin_compat``).
+    unpatched; see ``wd_sok.data.merlin_compat``); ``held_steps`` > 0 also times that many steps on batches
+    held in memory (``worker.held_steps``: ``held_step_s``).
     """
     worker_flags = ["--bytes"] + common.loader_worker_flags(not loader_fix)
+    if held_steps:
+        worker_flags += ["--held_steps", str(held_steps)]
     results = []
     datasets = {}
     for rows in rows_list:
@@ -189,7 +192,9 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict
             "sent_mib_per_rank_step": rs[0]["bytes"]["total_bytes"] / 2**20,
             "loopback_mib_per_step_all_ranks": common.median(lo) / 2**20 if lo else None,
             "probe_loss": common.median(r["probe_loss"] for r in rs), "reps": len(rs),
-            "step_ms_samples": [r["step_s"] * 1e3 for r in rs]})
+            "step_ms_samples": [r["step_s"] * 1e3 for r in rs],
+            **({"held_step_rel_samples": [r["held_step_rel"] for r in rs],
+                "held_step_ms_samples": [r["held_step_s"] * 1e3 for r in rs]} if "held_step_rel" in rs[0] else {})})
 
     def get(backend: str, np_: int, rows: int) -> dict[str, Any] | None:
         return next((r for r in rows_out if (r["backend"], r["np"], r["rows"]) == (backend, np_, rows)), None)

@@ -81,6 +81,9 @@ def run_train(argv: list[str]) -> None:
     p.add_argument("--interleaved", type=int, default=0, metavar="R",
                    help="after the benchmark, R rounds of [live train step, train step on a batch already in "
                    "memory, the MLP's GEMMs (fwd + bwd) at the local batch]: per-round ratios under the same load")
+    p.add_argument("--held_steps", type=int, default=0, metavar="N",
+                   help="after the timed steps, also time N training steps on batches held in memory (no loader: "
+                        "compute and exchange only); reports held_step_s (median) and held_step_s_all")
     p.add_argument("--no_loader_fix", action="store_true", help="run Merlin's loader queue with its own 1 us "
                    "put timeout (a thread spinning on the full queue), as before wd_sok.data.merlin_compat")
     if "--" not in argv:
@@ -118,11 +121,16 @@ def run_train(argv: list[str]) -> None:
     train_s = time.perf_counter() - t0
     lo1 = loopback_bytes()
     steps = cfg.benchmark_warmup_steps + cfg.benchmark_steps
-    out["step_s"] = cfg.global_batch_size / out["train_samples_per_s"]
+    # median of the timed steps (a slow step, e.g. an epoch's first batch, cannot move it); the window's mean too
+    out["step_s"] = common.median(trainer.benchmark_step_s)
+    out["step_s_mean"] = cfg.global_batch_size / out["train_samples_per_s"]
+    out["step_s_all"] = trainer.benchmark_step_s
     if lo0 is not None and lo1 is not None and rt.size > 1:
         # system-wide loopback counter (all ranks, and anything else on the machine): an upper bound
         out["loopback_bytes_per_step_all_ranks"] = (lo1 - lo0) / steps
         out["loopback_window_s"] = train_s
+    if args.held_steps:
+        out.update(held_steps(trainer, args.held_steps))
     if args.paired_matmul:
         model = trainer.model
         dims = [int(model.hidden[0].kernel.shape[0])] + [int(d.units) for d in model.hidden] + [1]
@@ -151,6 +159,36 @@ def run_train(argv: list[str]) -> None:
         trainer.model.wide_embedding, trainer.model.deep_embedding) for t in e.tables.values()))
     if rt.is_chief:
         emit(out)
+
+
+def held_steps(trainer: Any, n: int, held: int = 4, warmup: int = 3) -> dict[str, Any]:
+    """``n`` training steps on ``held`` batches held in memory (cycled), each followed by the MLP's GEMMs
+    (forward and backward at the local batch, float32) as a yardstick, after ``warmup`` untimed rounds.
+
+    Without the loader (whose epoch starts and share of 2 cores make live step times vary 2x within a job),
+    and divided by the yardstick timed right after it (this machine's speed drifts by a third over minutes),
+    the step time of a job is reproduced across processes where the raw one is not. Every rank runs the same
+    steps (the exchange is collective). Returns ``held_step_s_all`` [n], ``yardstick_s_all`` [n],
+    ``held_step_s`` (median) and ``held_step_rel`` (median of step / yardstick).
+    """
+    import tensorflow as tf
+
+    model = trainer.model
+    dims = [int(model.hidden[0].kernel.shape[0])] + [int(d.units) for d in model.hidden] + [1]
+    yardstick = _gemm_fn(trainer.local_batch, list(zip(dims[:-1], dims[1:], strict=True)), "float32")
+    trainer.train_data.set_epoch(5)
+    batches = [b for _, b in zip(range(held), trainer.train_data, strict=False)]
+    trainer.train_data._loader.stop()  # noqa: SLF001 - end Merlin's thread after a partial epoch
+    step, times, yard = trainer.global_step, [], []
+    for i in range(warmup + n):
+        t0 = time.perf_counter()
+        trainer.train_step(batches[i % len(batches)], tf.constant(step + i, tf.int64)).numpy()
+        t_step, t_yard = time.perf_counter() - t0, yardstick()
+        if i >= warmup:
+            times.append(t_step)
+            yard.append(t_yard)
+    return {"held_step_s_all": times, "yardstick_s_all": yard, "held_step_s": common.median(times),
+            "held_step_rel": common.median(t / y for t, y in zip(times, yard, strict=True))}
 
 
 def interleaved(trainer: Any, rounds: int) -> dict[str, Any]:

@@ -374,16 +374,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ benchmark
     def benchmark_train(self) -> float:
-        """Samples/s over benchmark_steps training steps after benchmark_warmup_steps."""
+        """Samples/s over benchmark_steps training steps after benchmark_warmup_steps.
+
+        Each timed step's seconds (loader wait included; a step ends when its loss is on the host) are kept in
+        ``self.benchmark_step_s`` (``benchmark_steps`` floats), for a median that one slow step cannot move.
+        """
         cfg, done, t0 = self.cfg, 0, 0.0
         total = cfg.benchmark_warmup_steps + cfg.benchmark_steps
         epoch = 0
+        self.benchmark_step_s: list[float] = []
         while done < total:
             self.train_data.set_epoch(epoch)
+            t_prev = time.perf_counter()
             for _, batch in zip(range(self.steps_per_epoch), self.train_data, strict=False):
                 if done == cfg.benchmark_warmup_steps:
-                    t0 = time.perf_counter()
+                    t0 = t_prev
                 self.train_step(batch, tf.constant(done, tf.int64)).numpy()
+                t_now = time.perf_counter()
+                if done >= cfg.benchmark_warmup_steps:
+                    self.benchmark_step_s.append(t_now - t_prev)
+                t_prev = t_now
                 done += 1
                 if done >= total:
                     break
