@@ -1,5 +1,5 @@
 """``make bench-quick``: a reduced embedding-scaling ladder plus one throughput point, verdicts that a noisy
-2-core machine does not flip; 35 min at load average 8-11, 14.5 min at load 2-5 on 2 cores (it prints its time).
+2-core machine does not flip; 31 min on an idle 2-core machine (45 min of CPU; it prints its time).
 
 * Ladder (``embedding_scaling.ladder``): 1e4 and 1e6 rows per table, 1 and 2 ranks, the dense-allreduce
   reference vs the sharded backend (all row-wise) vs the planned one, ``--reps`` (3) interleaved repetitions,
