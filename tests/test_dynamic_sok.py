@@ -70,6 +70,38 @@ def test_sok_holds_lru_tables_without_admission_and_applies_them_itself(fake) ->
         emb({"s": tf.constant([np.iinfo(np.int64).max], tf.int64), "t": tf.constant([1], tf.int64)})
 
 
+def test_a_save_with_sok_dynamic_tables_is_full(fake) -> None:  # noqa: ANN001
+    """SOK's dynamic tables are updated by sok.OptimizerWrapper (``apply_own``), which marks no rows for delta
+    checkpoints (wd_sok.changes): a delta would hold none of their updates since its base, and a resume from it
+    would silently put them back to the base. A save holding such a table is full (``delta.supported``,
+    ``DeltaPolicy.choose``); the TF hash tables are tracked and may still be saved as deltas."""
+    from wd_sok.checkpoint import delta
+    from wd_sok.checkpoint.policy import DeltaPolicy
+    from wd_sok.state import table_states
+
+    tables = [TableConfig("s", 128, 2, dynamic=DynamicConfig(128, 1, "lru")),
+              TableConfig("t", 50, 2, dynamic=DynamicConfig(50, 2, "lru"))]
+    with pytest.warns(UserWarning, match="'t'.*min_count 2"):
+        emb = make_embedding("sok", tables, "glorot_normal", 0, "deep", Runtime())
+    opt = LazyRMSprop(0.1, rho=0.5)
+    emb.attach_optimizer(opt)
+    model = type("M", (), {"wide_embedding": make_embedding("replicated", [], "zeros", 0, "wide", None),
+                           "deep_embedding": emb})()
+    sok_state, tf_state = table_states(model, None, opt)
+    with tf.GradientTape() as tape:
+        out = emb({"s": tf.constant([7, 9], tf.int64), "t": tf.constant([1, 1], tf.int64)}, training=True)
+        loss = tf.reduce_sum(out["s"]) + tf.reduce_sum(out["t"])
+    variables = emb.sparse_variables
+    emb.apply_own(list(zip(tape.gradient(loss, variables), variables, strict=True)))
+    assert sok_state.count() == 2 and sok_state.changed_rows().size == 0  # updated by SOK, marked by nobody
+    assert not delta.supported([sok_state]) and not delta.supported([sok_state, tf_state])
+    assert delta.supported([tf_state])
+    policy = DeltaPolicy(ratio=0.3, every=20)
+    policy.base = Path("ckpt-1")  # a full base exists: only SOK's table stands in the way of a delta
+    assert policy.choose([sok_state, tf_state], Runtime()) is None
+    assert policy.choose([sok_state, tf_state], Runtime(), preempted=True) is None
+
+
 def _launch(ranks: int, mode: str, backend: str, model_dir: Path, out: Path) -> list[dict]:
     common.check(common.launch(ranks, ["tests/dist/dynamic_ckpt.py", "--mode", mode, "--backend", backend,
                                        "--rules", "sok", "--model_dir", str(model_dir), "--out", str(out)], LIMIT))
