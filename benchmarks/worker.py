@@ -84,6 +84,9 @@ def run_train(argv: list[str]) -> None:
     p.add_argument("--held_steps", type=int, default=0, metavar="N",
                    help="after the timed steps, also time N training steps on batches held in memory (no loader: "
                         "compute and exchange only); reports held_step_s (median) and held_step_s_all")
+    p.add_argument("--tracking_overhead", type=int, default=0, metavar="R",
+                   help="after the timed steps, time the step with and without the change tracking (issue 23) in R "
+                        "alternating blocks of 5 steps on batches held in memory; reports tracking")
     p.add_argument("--no_loader_fix", action="store_true", help="run Merlin's loader queue with its own 1 us "
                    "put timeout (a thread spinning on the full queue), as before wd_sok.data.merlin_compat")
     if "--" not in argv:
@@ -131,6 +134,8 @@ def run_train(argv: list[str]) -> None:
         out["loopback_window_s"] = train_s
     if args.held_steps:
         out.update(held_steps(trainer, args.held_steps))
+    if args.tracking_overhead:
+        out["tracking"] = tracking_overhead(trainer, args.tracking_overhead)
     if args.paired_matmul:
         model = trainer.model
         dims = [int(model.hidden[0].kernel.shape[0])] + [int(d.units) for d in model.hidden] + [1]
@@ -189,6 +194,49 @@ def held_steps(trainer: Any, n: int, held: int = 4, warmup: int = 3) -> dict[str
             yard.append(t_yard)
     return {"held_step_s_all": times, "yardstick_s_all": yard, "held_step_s": common.median(times),
             "held_step_rel": common.median(t / y for t, y in zip(times, yard, strict=True))}
+
+
+def tracking_overhead(trainer: Any, reps: int, block: int = 5, held: int = 4) -> dict[str, Any]:
+    """The change tracking's cost on the train step (issue 23): the trainer's step (it marks the rows each
+    sparse update changes, :mod:`wd_sok.changes`) vs the same step traced with the marking replaced by a
+    no-op, on ``held`` batches held in memory, in ``reps`` alternating blocks of ``block`` steps each (so both
+    see the same machine speed); every rank runs the same steps. Returns per-step seconds of both and
+    ``overhead`` = median(tracked) / median(untracked) - 1."""
+    import tensorflow as tf
+
+    from wd_sok import changes, steps
+
+    trainer.train_data.set_epoch(6)
+    batches = [b for _, b in zip(range(held), trainer.train_data, strict=False)]
+    trainer.train_data._loader.stop()  # noqa: SLF001 - end Merlin's thread after a partial epoch
+    count = trainer.global_step
+
+    def run(step_fn: Any, n: int) -> list[float]:
+        nonlocal count
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step_fn(batches[count % len(batches)], tf.constant(count, tf.int64)).numpy()
+            times.append(time.perf_counter() - t0)
+            count += 1
+        return times
+
+    tracked = trainer.train_step
+    original = changes.mark_applied
+    changes.mark_applied = lambda *a, **k: []  # traced into the untracked step only (first call traces)
+    try:
+        untracked = steps.make_train_step(trainer.model, trainer.wide_opt, trainer.deep_opt, trainer.rt,
+                                          trainer.cfg.global_batch_size, loss_scaling=trainer.compute == "float16")
+        run(untracked, 3)
+    finally:
+        changes.mark_applied = original
+    run(tracked, 3)
+    on, off = [], []
+    for _ in range(reps):
+        on += run(tracked, block)
+        off += run(untracked, block)
+    return {"tracked_step_s_all": on, "untracked_step_s_all": off, "tracked_step_s": common.median(on),
+            "untracked_step_s": common.median(off), "overhead": common.median(on) / common.median(off) - 1}
 
 
 def interleaved(trainer: Any, rounds: int) -> dict[str, Any]:

@@ -136,9 +136,11 @@ def _put_all(folder: Path, puts: list[tuple[str, tuple[int, ...], type, Any]], f
     """The files ``puts`` [(name, shape, dtype, blocks)], up to :data:`PARALLEL_FILES` at a time: a delta's
     files are small (changed rows only), so one at a time its save is the sum of per-file costs (the rows'
     gather, the copy, CRC32, write and fsync, each waiting for the last) where they overlap (each releases the
-    GIL): 0.16 -> ~0.1 s for 35 MB at 1e6 rows (benchmarks/delta_checkpoint.py). Memory: one block per file
-    in flight. ``files`` gets each file's entry, in ``puts`` order."""
-    with ThreadPoolExecutor(min(PARALLEL_FILES, len(puts)) or 1) as pool:
+    GIL). Memory: one block per file in flight. Uploads (object stores) go one at a time, as the full
+    writer's do (one part buffered per upload; the traffic counters are not shared between threads).
+    ``files`` gets each file's entry, in ``puts`` order."""
+    workers = 1 if is_object_path(folder) else min(PARALLEL_FILES, len(puts)) or 1
+    with ThreadPoolExecutor(workers) as pool:
         done = [pool.submit(_put, folder, *put) for put in puts]
         for (name, *_), entry in zip(puts, done, strict=True):
             files[name] = entry.result()
