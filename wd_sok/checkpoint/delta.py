@@ -20,7 +20,7 @@ names, ``.npy`` files, size and CRC32 in the manifest as in a full checkpoint):
 
 Written by :func:`wd_sok.checkpoint.writer.save` with ``base=`` (same collective protocol, commit and
 retention; retention never removes a full checkpoint that a kept delta names, :func:`bases_needed`); each
-rank's files come from :func:`write_rows` / :func:`write_keyed` (the full writer's SequentialWriter path).
+rank's files come from :func:`write_tables` (the full writer's SequentialWriter path, several files at once).
 :func:`wd_sok.checkpoint.reader.read_one` restores a delta with its base, so ``restore_latest`` takes the
 newest delta and, when it or its base is damaged, falls back to the previous delta or the full one, every
 rank agreeing as for full checkpoints.
@@ -41,6 +41,7 @@ import io
 import json
 import warnings
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,9 @@ def _put_all(folder: Path, puts: list[tuple[str, tuple[int, ...], type, Any]], f
     """The files ``puts`` [(name, shape, dtype, blocks)], up to :data:`PARALLEL_FILES` at a time: a delta's
     files are small (changed rows only), so one at a time its save is the sum of per-file costs (the rows'
     gather, the copy, CRC32, write and fsync, each waiting for the last) where they overlap (each releases the
-    GIL). Memory: one block per file in flight. Uploads (object stores) go one at a time, as the full
-    writer's do (one part buffered per upload; the traffic counters are not shared between threads).
+    GIL). Memory: one block (:func:`~wd_sok.checkpoint.format.block_rows`) per file in flight. Uploads (object
+    stores) go one at a time, as the full writer's do (one part buffered per upload; the traffic counters are
+    not shared between threads).
     ``files`` gets each file's entry, in ``puts`` order."""
     workers = 1 if is_object_path(folder) else min(PARALLEL_FILES, len(puts)) or 1
     with ThreadPoolExecutor(workers) as pool:
@@ -146,45 +148,66 @@ def _put_all(folder: Path, puts: list[tuple[str, tuple[int, ...], type, Any]], f
             files[name] = entry.result()
 
 
-def write_rows(folder: Path, state: TableState, rank: int, world: int, files: dict) -> dict[str, Any]:
-    """This rank's changed rows of one fixed table: global ids, then each array's rows."""
+def _blocks(state: State, array: str, rows: np.ndarray, step: int) -> Iterator[np.ndarray]:
+    """Rows ``rows`` of ``array``, ``step`` at a time (read when the file's writer takes them)."""
+    for lo in range(0, int(rows.size), step):
+        yield state.read_at(array, rows[lo:lo + step])
+
+
+def _rows_puts(state: TableState, rank: int, world: int) -> tuple[dict[str, Any], list]:
+    """This rank's changed rows of one fixed table (global ids, then each array's rows): (shard, puts)."""
     saved, dim = state.changed_saved(), state.table.dim
     m, step = int(saved.size), block_rows(dim)
     # start / stride 0: not a strided range (the global ids are in the row file); kept for manifest checks
     shard: dict[str, Any] = {"rank": rank, "count": m, "start": 0, "stride": 0, "files": {}}
-    puts = []
+    puts: list = []
     for array in (ROW, *state.arrays()):
         name = shard_file(state.key, array, rank, world)
         if array == ROW:
             puts.append((name, (m,), np.int64, [state.rows.start + saved * state.rows.stride]))
         else:
-            puts.append((name, (m, dim), np.float32,
-                         (state.read_at(array, saved[lo:lo + step]) for lo in range(0, m, step))))
+            puts.append((name, (m, dim), np.float32, _blocks(state, array, saved, step)))
         shard["files"][array] = name
-    _put_all(folder, puts, files)
-    return shard
+    return shard, puts
 
 
-def write_keyed(folder: Path, state: KeyedTableState, rank: int, world: int, files: dict) -> dict[str, Any]:
-    """This rank's changed positions of one dynamic table, with every per-row array, and all pending keys."""
+def _keyed_puts(state: KeyedTableState, rank: int, world: int) -> tuple[dict[str, Any], list]:
+    """This rank's changed positions of one dynamic table, with every per-row array, and all pending keys:
+    (shard, puts)."""
     pos, dim = state.changed_rows(), state.table.dim
     m, step = int(pos.size), block_rows(dim)
     pending_keys, pending_counts = state.pending()
     shard: dict[str, Any] = {"rank": rank, "count": state.count(), "changed": m, "pending": int(pending_keys.size),
                              "clock": int(state.collection.clock_value()), "files": {}}
-    puts = []
+    puts: list = []
     for array in (POS, *state.arrays()):
         name = shard_file(state.key, array, rank, world)
         narrow = array == POS or array in keyed.INT_ARRAYS
-        blocks = [pos] if array == POS else (state.read_at(array, pos[lo:lo + step]) for lo in range(0, m, step))
+        blocks = [pos] if array == POS else _blocks(state, array, pos, step)
         puts.append((name, (m,) if narrow else (m, dim), np.int64 if narrow else np.float32, blocks))
         shard["files"][array] = name
     for array, values in (("pending_key", pending_keys), ("pending_count", pending_counts)):
         name = shard_file(state.key, array, rank, world)
         puts.append((name, (values.size,), np.int64, [values]))
         shard["files"][array] = name
+    return shard, puts
+
+
+def write_tables(folder: Path, tables: list[State], rank: int, world: int, files: dict) -> dict[str, Any]:
+    """This rank's delta files of every table in ``tables`` (written together: :func:`_put_all`); returns the
+    shard record of each table by key, and adds each file's entry to ``files``."""
+    shards, puts = {}, []
+    for state in tables:
+        shards[state.key], more = (_keyed_puts if isinstance(state, KeyedTableState) else _rows_puts)(
+            state, rank, world)
+        puts += more
     _put_all(folder, puts, files)
-    return shard
+    return shards
+
+
+def write_rows(folder: Path, state: TableState, rank: int, world: int, files: dict) -> dict[str, Any]:
+    """This rank's changed rows of one fixed table (:func:`write_tables` of one): its shard record."""
+    return write_tables(folder, [state], rank, world, files)[state.key]
 
 
 # ---------------------------------------------------------------------------------------------- restore

@@ -1,7 +1,8 @@
 """Collective save of a sharded checkpoint: every rank streams its own rows; rank 0 adds the rest and commits.
 
 Memory: besides the variables themselves, a rank holds one block (:func:`~wd_sok.checkpoint.format.block_rows`,
-about 32 MiB) of one array at a time; rank 0 also holds the replicated dense state (the MLP and its slots).
+about 32 MiB) of one array at a time (a delta: one per file in flight, :data:`~wd_sok.checkpoint.delta.
+PARALLEL_FILES`); rank 0 also holds the replicated dense state (the MLP and its slots).
 I/O: each rank writes ``rows x dim x 4`` bytes per array (values and every slot) of the rows it saves, in
 parallel with the others. Collectives: one agreement that the folder exists, one gather of the per-rank file
 records, one broadcast of the outcome; every rank makes the same calls whatever happens locally.
@@ -92,11 +93,10 @@ def save(model_dir: str | Path, step: int, tables: list[State], dense: dict[str,
     t0 = time.perf_counter()
     record: dict[str, Any] = {"rank": runtime.rank, "tables": {}, "files": {}, "error": ""}
     try:
-        for state in tables:
-            if base is not None:  # a delta: this rank's changed rows only
-                write = delta.write_keyed if isinstance(state, KeyedTableState) else delta.write_rows
-                record["tables"][state.key] = write(tmp, state, runtime.rank, runtime.size, record["files"])
-            elif isinstance(state, KeyedTableState):  # dynamic: rows named by key (wd_sok.checkpoint.keyed)
+        if base is not None:  # a delta: this rank's changed rows only, several files at once
+            record["tables"] = delta.write_tables(tmp, tables, runtime.rank, runtime.size, record["files"])
+        for state in tables if base is None else []:
+            if isinstance(state, KeyedTableState):  # dynamic: rows named by key (wd_sok.checkpoint.keyed)
                 record["tables"][state.key] = keyed.write_keyed(tmp, state, runtime.rank, runtime.size,
                                                                 record["files"])
             else:
