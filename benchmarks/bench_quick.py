@@ -20,13 +20,14 @@ other work on a shared machine only ever slows a job down, so the fastest of int
 least disturbed estimate. The ladder's timed verdicts compare held steps relative to their yardstick (median
 of step / GEMMs over 30 rounds), not live step times: on 2 cores a live step varies 2x within one job (the
 loader's epoch starts and its thread's share of the cores) and this machine's speed drifts by a third over
-minutes, so 5 live steps (what this quick run used to time) moved a verdict by up to 3x between repetitions
-(``planned_step np1/r1e+04: NOT MET (1.21)`` in one run, met in the next); the yardstick cancels the drift and
-the held batches the loader. A timed verdict is MET or NOT MET only when its margin to the goal is larger
-than the repetitions' spread (slowest / fastest - 1, the worst of the jobs it compares); otherwise it is
-UNDECIDED, and the line says so: a point whose true ratio lies within the machine's noise of its goal (the
-planner choosing the same layout as the faster alternative: a ratio of ~1.0 against a goal of 1.05) prints
-UNDECIDED in every run, instead of MET in one and NOT MET in the next.
+minutes, so the mean of 5 live steps (what this quick run used to time) moved a job's step time by up to 5x
+between repetitions (reference, 2 ranks, 1e4 rows: 53, 171 and 301 ms) and its verdicts with it (a
+one-repetition run printed ``planned_step np1/r1e+04: NOT MET (1.21)`` where the 3-repetition ladder meets it);
+the yardstick cancels the drift and the held batches the loader. A timed verdict is MET or NOT MET only when
+its margin to the goal is larger than the repetitions' spread (slowest / fastest - 1, the worst of the jobs
+it compares); otherwise it is UNDECIDED, and the line says so: a point whose true ratio lies within the
+machine's noise of its goal (the planner choosing the same layout as the faster alternative: a ratio of ~1.0
+against a goal of 1.05) prints UNDECIDED in every run, instead of MET in one and NOT MET in the next.
 Counted verdicts (bytes) are always decided. Targets: ``planned_step`` (planned <= 1.05 x min(reference,
 sharded) at every point), ``flat_step_time`` (sharded step at 1e6 rows <= 1.2 x at 1e4), ``bytes_per_rank``
 and ``dedup_bytes`` (counted, not timed), the two fractions of bound. The speed-up over the reference is

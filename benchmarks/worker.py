@@ -166,6 +166,14 @@ def run_train(argv: list[str]) -> None:
         emit(out)
 
 
+def _held_batches(trainer: Any, epoch: int, n: int) -> list[Any]:
+    """The first ``n`` training batches of epoch ``epoch``, held in memory (Merlin's loader thread stopped)."""
+    trainer.train_data.set_epoch(epoch)
+    batches = [b for _, b in zip(range(n), trainer.train_data, strict=False)]
+    trainer.train_data._loader.stop()  # noqa: SLF001 - end Merlin's thread after a partial epoch
+    return batches
+
+
 def held_steps(trainer: Any, n: int, held: int = 4, warmup: int = 3) -> dict[str, Any]:
     """``n`` training steps on ``held`` batches held in memory (cycled), each followed by the MLP's GEMMs
     (forward and backward at the local batch, float32) as a yardstick, after ``warmup`` untimed rounds.
@@ -181,9 +189,7 @@ def held_steps(trainer: Any, n: int, held: int = 4, warmup: int = 3) -> dict[str
     model = trainer.model
     dims = [int(model.hidden[0].kernel.shape[0])] + [int(d.units) for d in model.hidden] + [1]
     yardstick = _gemm_fn(trainer.local_batch, list(zip(dims[:-1], dims[1:], strict=True)), "float32")
-    trainer.train_data.set_epoch(5)
-    batches = [b for _, b in zip(range(held), trainer.train_data, strict=False)]
-    trainer.train_data._loader.stop()  # noqa: SLF001 - end Merlin's thread after a partial epoch
+    batches = _held_batches(trainer, 5, held)
     step, times, yard = trainer.global_step, [], []
     for i in range(warmup + n):
         t0 = time.perf_counter()
@@ -206,9 +212,7 @@ def tracking_overhead(trainer: Any, reps: int, block: int = 5, held: int = 4) ->
 
     from wd_sok import changes, steps
 
-    trainer.train_data.set_epoch(6)
-    batches = [b for _, b in zip(range(held), trainer.train_data, strict=False)]
-    trainer.train_data._loader.stop()  # noqa: SLF001 - end Merlin's thread after a partial epoch
+    batches = _held_batches(trainer, 6, held)
     count = trainer.global_step
 
     def run(step_fn: Any, n: int) -> list[float]:
