@@ -77,6 +77,8 @@ class TableState(TableRef):
         """[m] int64 indices into :attr:`rows` (global row ``start + i * stride``) of the changed rows this rank
         saves, ascending (a replicated table's rank saves only its ``rank::N`` slice of them)."""
         rows, off = self.rows, self.changed_rows() - self.rows.vstart
+        if rows.vstride == 1:  # every variable row from vstart on is saved here (no int64 division: 3x faster)
+            return off[(off >= 0) & (off < rows.count)]
         keep = (off >= 0) & (off % rows.vstride == 0) & (off // rows.vstride < rows.count)
         return off[keep] // rows.vstride
 
