@@ -137,9 +137,7 @@ def run_train(argv: list[str]) -> None:
     if args.tracking_overhead:
         out["tracking"] = tracking_overhead(trainer, args.tracking_overhead)
     if args.paired_matmul:
-        model = trainer.model
-        dims = [int(model.hidden[0].kernel.shape[0])] + [int(d.units) for d in model.hidden] + [1]
-        layers = list(zip(dims[:-1], dims[1:], strict=True))
+        dims, layers = mlp_layers(trainer.model)
         secs, _ = gemm_seconds(trainer.local_batch, layers, "bfloat16" if cfg.amp else "float32")
         flops = 3 * 2 * sum(i * o for i, o in layers)
         out["paired_matmul"] = {"dims": dims, "dtype": "bfloat16" if cfg.amp else "float32", "seconds": secs,
@@ -166,6 +164,12 @@ def run_train(argv: list[str]) -> None:
         emit(out)
 
 
+def mlp_layers(model: Any) -> tuple[list[int], list[tuple[int, int]]]:
+    """The MLP's widths [input, hidden..., 1] and its layers' (in, out) pairs: the GEMMs a step runs."""
+    dims = [int(model.hidden[0].kernel.shape[0])] + [int(d.units) for d in model.hidden] + [1]
+    return dims, list(zip(dims[:-1], dims[1:], strict=True))
+
+
 def _held_batches(trainer: Any, epoch: int, n: int) -> list[Any]:
     """The first ``n`` training batches of epoch ``epoch``, held in memory (Merlin's loader thread stopped)."""
     trainer.train_data.set_epoch(epoch)
@@ -186,9 +190,7 @@ def held_steps(trainer: Any, n: int, held: int = 4, warmup: int = 3) -> dict[str
     """
     import tensorflow as tf
 
-    model = trainer.model
-    dims = [int(model.hidden[0].kernel.shape[0])] + [int(d.units) for d in model.hidden] + [1]
-    yardstick = _gemm_fn(trainer.local_batch, list(zip(dims[:-1], dims[1:], strict=True)), "float32")
+    yardstick = _gemm_fn(trainer.local_batch, mlp_layers(trainer.model)[1], "float32")
     batches = _held_batches(trainer, 5, held)
     step, times, yard = trainer.global_step, [], []
     for i in range(warmup + n):
@@ -254,9 +256,8 @@ def interleaved(trainer: Any, rounds: int) -> dict[str, Any]:
     """
     import tensorflow as tf
 
-    model, cfg = trainer.model, trainer.cfg
-    dims = [int(model.hidden[0].kernel.shape[0])] + [int(d.units) for d in model.hidden] + [1]
-    layers = list(zip(dims[:-1], dims[1:], strict=True))
+    cfg = trainer.cfg
+    _, layers = mlp_layers(trainer.model)
     dtype = "bfloat16" if cfg.amp else "float32"
     gemm_one = _gemm_fn(trainer.local_batch, layers, dtype)
     trainer.train_data.set_epoch(7)

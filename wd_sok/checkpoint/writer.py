@@ -95,12 +95,13 @@ def save(model_dir: str | Path, step: int, tables: list[State], dense: dict[str,
     try:
         if base is not None:  # a delta: this rank's changed rows only, several files at once
             record["tables"] = delta.write_tables(tmp, tables, runtime.rank, runtime.size, record["files"])
-        for state in tables if base is None else []:
-            if isinstance(state, KeyedTableState):  # dynamic: rows named by key (wd_sok.checkpoint.keyed)
-                record["tables"][state.key] = keyed.write_keyed(tmp, state, runtime.rank, runtime.size,
-                                                                record["files"])
-            else:
-                record["tables"][state.key] = _write_table(tmp, state, runtime, record["files"])
+        else:
+            for state in tables:
+                if isinstance(state, KeyedTableState):  # dynamic: rows named by key (wd_sok.checkpoint.keyed)
+                    record["tables"][state.key] = keyed.write_keyed(tmp, state, runtime.rank, runtime.size,
+                                                                    record["files"])
+                else:
+                    record["tables"][state.key] = _write_table(tmp, state, runtime, record["files"])
     except OSError as e:
         record["error"] = f"rank {runtime.rank}: {e.filename or tmp}: {e.strerror}"
     except Exception as e:  # noqa: BLE001 - any failure becomes the agreed verdict, after the collective
