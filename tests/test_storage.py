@@ -76,6 +76,28 @@ def test_streamed_write_is_multipart_with_bounded_memory(s3_bucket: str) -> None
     assert store.read_range("big.npy", lo, 300) == data[lo:lo + 300].tobytes()
 
 
+def test_ranged_reads_in_flight_together_yield_in_order(s3_bucket: str) -> None:  # noqa: F811
+    """An object's ranges are fetched :data:`~wd_sok.storage.paths.AHEAD` at a time (a big one first, so a
+    later small one finishes before it): yielded in the order asked, the running CRC32 over them in that
+    order, one GET and exactly its bytes counted per range."""
+    from wd_sok.storage.paths import AHEAD, ObjectRangeReader, path
+
+    assert AHEAD >= 2
+    store = storage.Store(s3_bucket)
+    data = np.random.default_rng(1).bytes(3 << 20)
+    store.write_bytes("r.bin", data)
+    spans = [(0, 2 << 20), (10, 5), (len(data) - 7, 100), (1 << 20, 4096), (123, 1)]  # the 3rd is short
+    want = [data[o:o + n] for o, n in spans]
+    before = dict(storage.store.TRAFFIC)
+    with ObjectRangeReader(path(f"{s3_bucket}/r.bin"), crc=7) as r:
+        got = [b.tobytes() for b in r.ranges(spans)]
+    assert got == want
+    assert r.crc == zlib.crc32(b"".join(want), 7)
+    assert r.range_crcs == [zlib.crc32(w) for w in want] and r.bytes_read == sum(map(len, want))
+    assert storage.store.TRAFFIC["get_requests"] - before["get_requests"] == len(spans)
+    assert storage.store.TRAFFIC["get_bytes"] - before["get_bytes"] == sum(map(len, want))
+
+
 def test_failed_write_leaves_no_object(store: storage.Store) -> None:
     with pytest.raises(RuntimeError), store.open_write("half.bin") as out:
         out.write(b"x" * 1000)

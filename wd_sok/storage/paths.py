@@ -159,6 +159,9 @@ def read_head(p: AnyPath, length: int) -> bytes:
         return f.read(length)
 
 
+AHEAD = 2  # ranged GETs in flight while a restore copies the block before them (each holds one block)
+
+
 class ObjectRangeReader:
     """:class:`~wd_sok.checkpoint.directio.RangeReader`'s interface over an object: :meth:`ranges` yields each
     (offset, length) as a uint8 array, one ranged GET each, the next one fetched by a background thread
@@ -168,11 +171,8 @@ class ObjectRangeReader:
     def __init__(self, p: ObjectPath, crc: int = 0) -> None:
         self.store, self._crc, self.bytes_read = Store(p.url), Pieces(crc), 0
 
-    def _read(self, offset: int, length: int) -> np.ndarray:
-        data = np.frombuffer(self.store.read_range("", offset, length), np.uint8)
-        self._crc.add(data)
-        self.bytes_read += data.size
-        return data
+    def _fetch(self, offset: int, length: int) -> np.ndarray:
+        return np.frombuffer(self.store.read_range("", offset, length), np.uint8)
 
     @property
     def crc(self) -> int:
@@ -183,11 +183,14 @@ class ObjectRangeReader:
         return self._crc.pieces
 
     def ranges(self, spans: list[tuple[int, int]]) -> Iterator[np.ndarray]:
-        with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(self._read, *spans[0]) if spans else None
+        with ThreadPoolExecutor(AHEAD) as pool:
+            pending = [pool.submit(self._fetch, *span) for span in spans[:AHEAD]]
             for k in range(len(spans)):
-                data = pending.result()
-                pending = pool.submit(self._read, *spans[k + 1]) if k + 1 < len(spans) else None
+                data = pending.pop(0).result()
+                if k + AHEAD < len(spans):
+                    pending.append(pool.submit(self._fetch, *spans[k + AHEAD]))
+                self._crc.add(data)  # in order, whichever GET finished first
+                self.bytes_read += data.size
                 yield data
 
     def close(self) -> None:

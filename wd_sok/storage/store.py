@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shutil
+import threading
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +29,13 @@ from wd_sok.storage.location import (
 
 PART_BYTES = 16 << 20  # multipart part size of streamed uploads: what one open writer buffers at most
 TRAFFIC = {"get_requests": 0, "get_bytes": 0, "put_bytes": 0}  # remote bytes moved by this process (benchmarks)
+_TRAFFIC_LOCK = threading.Lock()  # counted from several threads (ranged GETs in flight together)
+
+
+def _count(**moved: int) -> None:
+    with _TRAFFIC_LOCK:
+        for key, n in moved.items():
+            TRAFFIC[key] += n
 
 
 class Writer:
@@ -65,7 +73,7 @@ class Writer:
             return
         self._crc.add(view)
         self.size += len(view)
-        TRAFFIC["put_bytes"] += len(view)
+        _count(put_bytes=len(view))
         buffer = getattr(self._remote, "buffer", None)  # fsspec's buffered files; memory:// has none
         with errors(self.location):
             while len(view):  # fed so that the buffer fills to exactly one part: parts of PART_BYTES, and no
@@ -238,8 +246,7 @@ class Store:
             if self.is_local:
                 return Path(url).read_bytes()
             data = self.fs.cat_file(url)
-        TRAFFIC["get_requests"] += 1
-        TRAFFIC["get_bytes"] += len(data)
+        _count(get_requests=1, get_bytes=len(data))
         return data
 
     def read_range(self, rel: str, offset: int, length: int) -> bytes:
@@ -255,8 +262,7 @@ class Store:
                 finally:
                     os.close(fd)
             data = self.fs.cat_file(url, start=offset, end=offset + length)
-        TRAFFIC["get_requests"] += 1
-        TRAFFIC["get_bytes"] += len(data)
+        _count(get_requests=1, get_bytes=len(data))
         return data
 
     def open_read(self, rel: str) -> Any:
@@ -281,7 +287,7 @@ class Store:
                     os.fsync(f.fileno())
             else:
                 self.fs.pipe_file(url, data)
-                TRAFFIC["put_bytes"] += len(data)
+                _count(put_bytes=len(data))
         return {"bytes": len(data), "crc32": zlib.crc32(data)}
 
     def delete(self, rel: str) -> None:
