@@ -112,7 +112,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--zipf", type=float, default=1.2)
     p.add_argument("--block", type=int, default=5)
-    p.add_argument("--reps", type=int, default=8)
+    p.add_argument("--reps", type=int, default=40)
     p.add_argument("--after", type=int, nargs="+", default=[10, 100], help="steps after the base measured")
     p.add_argument("--saves", type=int, default=3, help="saves timed per checkpoint (median)")
     p.add_argument("--dir", default="")

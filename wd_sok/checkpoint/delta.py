@@ -52,7 +52,6 @@ import tensorflow as tf
 from wd_sok import changes
 from wd_sok.checkpoint import keyed, reader
 from wd_sok.checkpoint.format import (
-    BLOCK_BYTES,
     DENSE,
     MANIFEST,
     CorruptCheckpoint,
@@ -70,6 +69,13 @@ KIND = "delta"
 PLACEMENT = "delta: the shard's row file holds each row's global id"
 ROW, POS = "row", "pos"
 PARALLEL_FILES = 4  # a rank's delta files written at once (_put_all)
+PIECE_BYTES = 2 << 20  # a delta file's rows are gathered and written in pieces of about this many bytes
+
+
+def piece_rows(dim: int) -> int:
+    """Rows per gathered piece of a delta file of width ``dim`` (float32): small, so that the first bytes reach
+    the disk while the next rows are still being gathered (a full checkpoint's blocks are 16x larger)."""
+    return max(1, PIECE_BYTES // (4 * max(dim, 1)))
 
 
 def is_delta(manifest: dict[str, Any]) -> bool:
@@ -125,7 +131,7 @@ def _put(folder: Path, name: str, shape: tuple[int, ...], dtype: type, blocks: A
     manifest entry ``{bytes, crc32}``."""
     header = io.BytesIO()
     write_npy_header(header, shape, dtype)
-    behind = int(np.prod(shape)) * np.dtype(dtype).itemsize > BLOCK_BYTES
+    behind = int(np.prod(shape)) * np.dtype(dtype).itemsize > PIECE_BYTES
     with open_sequential(folder / name) as f:  # the full writer's path (O_DIRECT, CRC32; URLs: multipart)
         f.write(header.getvalue())
         for block in blocks:
@@ -142,10 +148,11 @@ def _put_all(folder: Path, puts: list[tuple[str, tuple[int, ...], type, Any]], f
     not shared between threads).
     ``files`` gets each file's entry, in ``puts`` order."""
     workers = 1 if is_object_path(folder) else min(PARALLEL_FILES, len(puts)) or 1
-    with ThreadPoolExecutor(workers) as pool:
-        done = [pool.submit(_put, folder, *put) for put in puts]
-        for (name, *_), entry in zip(puts, done, strict=True):
-            files[name] = entry.result()
+    order = sorted(range(len(puts)), key=lambda i: -int(np.prod(puts[i][1])) * np.dtype(puts[i][2]).itemsize)
+    with ThreadPoolExecutor(workers) as pool:  # the biggest files first: the pool's threads end together
+        done = {i: pool.submit(_put, folder, *puts[i]) for i in order}
+        for i, (name, *_) in enumerate(puts):
+            files[name] = done[i].result()
 
 
 def _blocks(state: State, array: str, rows: np.ndarray, step: int) -> Iterator[np.ndarray]:
@@ -157,7 +164,7 @@ def _blocks(state: State, array: str, rows: np.ndarray, step: int) -> Iterator[n
 def _rows_puts(state: TableState, rank: int, world: int) -> tuple[dict[str, Any], list]:
     """This rank's changed rows of one fixed table (global ids, then each array's rows): (shard, puts)."""
     saved, dim = state.changed_saved(), state.table.dim
-    m, step = int(saved.size), block_rows(dim)
+    m, step = int(saved.size), piece_rows(dim)
     # start / stride 0: not a strided range (the global ids are in the row file); kept for manifest checks
     shard: dict[str, Any] = {"rank": rank, "count": m, "start": 0, "stride": 0, "files": {}}
     puts: list = []
@@ -175,7 +182,7 @@ def _keyed_puts(state: KeyedTableState, rank: int, world: int) -> tuple[dict[str
     """This rank's changed positions of one dynamic table, with every per-row array, and all pending keys:
     (shard, puts)."""
     pos, dim = state.changed_rows(), state.table.dim
-    m, step = int(pos.size), block_rows(dim)
+    m, step = int(pos.size), piece_rows(dim)
     pending_keys, pending_counts = state.pending()
     shard: dict[str, Any] = {"rank": rank, "count": state.count(), "changed": m, "pending": int(pending_keys.size),
                              "clock": int(state.collection.clock_value()), "files": {}}
@@ -196,13 +203,13 @@ def _keyed_puts(state: KeyedTableState, rank: int, world: int) -> tuple[dict[str
 def write_tables(folder: Path, tables: list[State], rank: int, world: int, files: dict) -> dict[str, Any]:
     """This rank's delta files of every table in ``tables`` (written together: :func:`_put_all`); returns the
     shard record of each table by key, and adds each file's entry to ``files``."""
-    shards, puts = {}, []
-    for state in tables:
-        shards[state.key], more = (_keyed_puts if isinstance(state, KeyedTableState) else _rows_puts)(
-            state, rank, world)
-        puts += more
-    _put_all(folder, puts, files)
-    return shards
+    def plan(state: State) -> tuple[dict[str, Any], list]:
+        return (_keyed_puts if isinstance(state, KeyedTableState) else _rows_puts)(state, rank, world)
+
+    with ThreadPoolExecutor(min(PARALLEL_FILES, len(tables)) or 1) as pool:  # the change-mask scans at once
+        planned = list(pool.map(plan, tables))
+    _put_all(folder, [put for _, more in planned for put in more], files)
+    return {state.key: shard for state, (shard, _) in zip(tables, planned, strict=True)}
 
 
 def write_rows(folder: Path, state: TableState, rank: int, world: int, files: dict) -> dict[str, Any]:
