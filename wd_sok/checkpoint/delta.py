@@ -18,12 +18,11 @@ names, ``.npy`` files, size and CRC32 in the manifest as in a full checkpoint):
   that took its row (the delta's positions carry the evictions: no key of the base survives a position the
   delta rewrote), and positions past the base's count are new rows. The writer ranks must be the base's.
 
-Written by :func:`wd_sok.checkpoint.writer.save` with ``base=`` (same collective protocol, commit and
-retention; retention never removes a full checkpoint that a kept delta names, :func:`bases_needed`); each
-rank's files come from :func:`write_tables` (the full writer's SequentialWriter path, several files at once).
-:func:`wd_sok.checkpoint.reader.read_one` restores a delta with its base, so ``restore_latest`` takes the
-newest delta and, when it or its base is damaged, falls back to the previous delta or the full one, every
-rank agreeing as for full checkpoints.
+Written by :func:`wd_sok.checkpoint.writer.save` with ``base=`` (same protocol, commit and retention, which
+never removes a full checkpoint that a kept delta names: :func:`bases_needed`); a rank's files come from
+:func:`write_tables`. :func:`wd_sok.checkpoint.reader.read_one` restores a delta with its base, so
+``restore_latest`` takes the newest delta and, when it or its base is damaged, falls back to the previous
+delta or the full one, every rank agreeing as for full checkpoints.
 
 Restore (:func:`read_pair`, one rank, no collectives): the base's dense state first (the optimizers' step
 counters at the base's step), the base's rows (each rank reads only blocks holding rows it owns), then the
@@ -126,9 +125,8 @@ def bases_needed(folders: list[Path]) -> set[str]:
 
 
 def _put(folder: Path, name: str, shape: tuple[int, ...], dtype: type, blocks: Any) -> dict[str, int]:
-    """One .npy file from ``blocks`` (arrays written in order, each while the next is read when the file spans
-    more than one block; a one-block file is written directly: no writer thread to start), fsynced; its
-    manifest entry ``{bytes, crc32}``."""
+    """One .npy file from ``blocks`` (pieces written in order, each while the next is gathered when the file
+    spans more than one; a one-piece file is written directly: no writer thread), fsynced; its entry."""
     header = io.BytesIO()
     write_npy_header(header, shape, dtype)
     behind = int(np.prod(shape)) * np.dtype(dtype).itemsize > PIECE_BYTES
@@ -143,13 +141,12 @@ def _put_all(folder: Path, puts: list[tuple[str, tuple[int, ...], type, Any]], f
     """The files ``puts`` [(name, shape, dtype, blocks)], up to :data:`PARALLEL_FILES` at a time: a delta's
     files are small (changed rows only), so one at a time its save is the sum of per-file costs (the rows'
     gather, the copy, CRC32, write and fsync, each waiting for the last) where they overlap (each releases the
-    GIL). Memory: one block (:func:`~wd_sok.checkpoint.format.block_rows`) per file in flight. Uploads (object
-    stores) go one at a time, as the full writer's do (one part buffered per upload; the traffic counters are
-    not shared between threads).
-    ``files`` gets each file's entry, in ``puts`` order."""
+    GIL); biggest first. Memory: two pieces (:func:`piece_rows`) per file in flight. Uploads (object stores)
+    go one at a time, as the full writer's do (one part buffered per upload). ``files`` gets each file's
+    entry, in ``puts`` order."""
     workers = 1 if is_object_path(folder) else min(PARALLEL_FILES, len(puts)) or 1
     order = sorted(range(len(puts)), key=lambda i: -int(np.prod(puts[i][1])) * np.dtype(puts[i][2]).itemsize)
-    with ThreadPoolExecutor(workers) as pool:  # the biggest files first: the pool's threads end together
+    with ThreadPoolExecutor(workers) as pool:  # biggest first: the threads end together
         done = {i: pool.submit(_put, folder, *puts[i]) for i in order}
         for i, (name, *_) in enumerate(puts):
             files[name] = done[i].result()
