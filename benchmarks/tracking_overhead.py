@@ -30,6 +30,24 @@ import embedding_scaling  # noqa: E402
 GOAL = 0.03
 
 
+def verdict(ts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One point's jobs -> its figures and ``met``: True when every job's A/B overhead is within the goal, or
+    when the marking alone is within it in every job (a bound free of the A/B's noise) and the jobs' median
+    A/B is too; False when every job's A/B, or every job's bound, is above it; else None (UNDECIDED)."""
+    over = [t["overhead"] for t in ts]
+    bound = [t.get("marking_bound", float("nan")) for t in ts]  # jobs run before the bound was measured: nan
+    med = common.median(over)
+    if max(over) <= GOAL or (max(bound) <= GOAL and med <= GOAL):
+        met: bool | None = True
+    elif min(over) > GOAL or min(bound) > GOAL:
+        met = False
+    else:
+        met = None
+    return {"overhead_median": med, "overheads": over, "marking_bounds": bound, "met": met,
+            "tracked_ms": common.median(t["tracked_step_s"] for t in ts) * 1e3,
+            "untracked_ms": common.median(t["untracked_step_s"] for t in ts) * 1e3}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 10_000_000])
@@ -56,20 +74,19 @@ def main(argv: list[str] | None = None) -> int:
                     t = r["tracking"]
                     jobs.setdefault(f"np{np_}/r{rows:.0e}", []).append(t)
                     common.log(f"rep {rep} rows {rows:.0e} np {np_}: tracked {t['tracked_step_s'] * 1e3:.1f} ms, "
-                               f"untracked {t['untracked_step_s'] * 1e3:.1f} ms: overhead {t['overhead']:+.1%}")
+                               f"untracked {t['untracked_step_s'] * 1e3:.1f} ms: overhead {t['overhead']:+.1%}; "
+                               f"marking alone {t['marking_s'] * 1e3:.2f} ms ({t['marking_bound']:.2%})")
     targets = {}
-    print("\nChange tracking's cost on the train step (tracked / untracked median step - 1, per job):")
+    print("\nChange tracking's cost on the train step (tracked / untracked median step - 1, per job; the marking "
+          "ops alone / untracked step, an upper bound):")
     for point, ts in jobs.items():
-        over = [t["overhead"] for t in ts]
-        med = common.median(over)
-        met = True if max(over) <= GOAL else False if min(over) > GOAL else None
-        targets[point] = {"overhead_median": med, "overheads": over, "met": met,
-                          "tracked_ms": common.median(t["tracked_step_s"] for t in ts) * 1e3,
-                          "untracked_ms": common.median(t["untracked_step_s"] for t in ts) * 1e3}
-        word = {True: "MET", False: "NOT MET", None: "UNDECIDED"}[met]
-        print(f"target tracking_overhead {point}: {word} (median {med:+.1%} over {len(over)} jobs: "
-              f"{', '.join(f'{o:+.1%}' for o in over)}; step {targets[point]['untracked_ms']:.1f} ms untracked; "
-              f"goal <= {GOAL:.0%})")
+        targets[point] = verdict(ts)
+        word = {True: "MET", False: "NOT MET", None: "UNDECIDED"}[targets[point]["met"]]
+        over, bound = targets[point]["overheads"], targets[point]["marking_bounds"]
+        print(f"target tracking_overhead {point}: {word} (median {targets[point]['overhead_median']:+.1%} over "
+              f"{len(over)} jobs: {', '.join(f'{o:+.1%}' for o in over)}; marking alone "
+              f"{', '.join(f'{b:.2%}' for b in bound)} of the step; step {targets[point]['untracked_ms']:.1f} ms "
+              f"untracked; goal <= {GOAL:.0%})")
     elapsed = time.perf_counter() - start
     path = common.write_json(args.out, {"params": vars(args), "machine": common.machine_facts(),
                                         "elapsed_s": elapsed, "targets": targets, "jobs": jobs})

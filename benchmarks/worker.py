@@ -227,6 +227,7 @@ def tracking_overhead(trainer: Any, reps: int, block: int = 5, held: int = 4) ->
             count += 1
         return times
 
+    mark_s = _marking_alone(trainer, batches[0])
     tracked = trainer.train_step
     original = changes.mark_applied
     changes.mark_applied = lambda *a, **k: []  # traced into the untracked step only (first call traces)
@@ -242,7 +243,36 @@ def tracking_overhead(trainer: Any, reps: int, block: int = 5, held: int = 4) ->
         on += run(tracked, block)
         off += run(untracked, block)
     return {"tracked_step_s_all": on, "untracked_step_s_all": off, "tracked_step_s": common.median(on),
-            "untracked_step_s": common.median(off), "overhead": common.median(on) / common.median(off) - 1}
+            "untracked_step_s": common.median(off), "overhead": common.median(on) / common.median(off) - 1,
+            "marking_s": mark_s, "marking_bound": mark_s / common.median(off)}
+
+
+def _marking_alone(trainer: Any, batch: Any, calls: int = 50) -> float:
+    """Seconds (median of ``calls``) of the marking ops alone, compiled as the step compiles them: every
+    change mask of this rank marks as many random rows as the global batch has ids in its largest feature
+    (with one feature per table, as in the ladder, at least as many as any table's shard receives, before
+    dedup: an upper bound on what the tracked step adds, which needs no difference of two noisy step
+    times)."""
+    import tensorflow as tf
+
+    from wd_sok import changes
+
+    variables = [v for v in trainer.model.trainable_variables if changes.has_mask(v)]
+    ids = max(int(tf.size(t.flat_values if isinstance(t, tf.RaggedTensor) else t))
+              for t in batch.categorical.values()) * trainer.rt.size
+    rows = [tf.random.uniform([ids], 0, int(v.shape[0]), tf.int64, seed=k) for k, v in enumerate(variables)]
+
+    @tf.function
+    def mark() -> tf.Tensor:
+        with tf.control_dependencies([changes.mark_rows(v, r) for v, r in zip(variables, rows, strict=True)]):
+            return tf.constant(0)
+
+    times = []
+    for _ in range(calls + 3):
+        t0 = time.perf_counter()
+        mark().numpy()
+        times.append(time.perf_counter() - t0)
+    return common.median(times[3:])
 
 
 def interleaved(trainer: Any, rounds: int) -> dict[str, Any]:
