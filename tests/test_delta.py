@@ -135,12 +135,20 @@ def fill_delta(rank: int, model, wo, do) -> None:  # noqa: ANN001
         changes.set_changed(state.var, var_rows)
 
 
-@pytest.mark.parametrize("world_in,world_out", [(2, 1), (2, 3), (1, 2)])
-def test_resharded_full_plus_delta_is_exact(tmp_path: Path, world_in: int, world_out: int) -> None:
+@pytest.mark.parametrize("world_in,world_out,piece", [(2, 1, 0), (2, 3, 0), (1, 2, 0), (2, 3, 40)])
+def test_resharded_full_plus_delta_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, world_in: int,
+                                            world_out: int, piece: int) -> None:
     """Written by N ranks (base at step 5, delta at 9), read by each of M: rows the delta holds are its values;
-    the others are the base's, their rms decayed by 0.5 ** (9 - 5) (what a full save at step 9 holds)."""
+    the others are the base's, their rms decayed by 0.5 ** (9 - 5) (what a full save at step 9 holds). With
+    ``piece`` bytes per gathered piece (5 rows of table b), each rank's delta files of b are written in
+    several pieces, each while the next is gathered."""
+    if piece:
+        monkeypatch.setattr(delta, "PIECE_BYTES", piece)
     write_ranks(tmp_path, world_in, None)
     write_ranks(tmp_path, world_in, fill_delta)
+    if piece:
+        shards = json.loads((tmp_path / "ckpt-9" / "manifest.json").read_text())["tables"]["deep/b"]["shards"]
+        assert min(int(sh["count"]) for sh in shards) > delta.piece_rows(2) == 5
     for r in range(world_out):
         model, wo, do, rt = build(r, world_out, seed=3)
         manifest = read_pair(tmp_path / "ckpt-5", tmp_path / "ckpt-9", model, wo, do)
