@@ -208,8 +208,9 @@ def tracking_overhead(trainer: Any, reps: int, block: int = 5, held: int = 4) ->
     """The change tracking's cost on the train step (issue 23): the trainer's step (it marks the rows each
     sparse update changes, :mod:`wd_sok.changes`) vs the same step traced with the marking replaced by a
     no-op, on ``held`` batches held in memory, in ``reps`` alternating blocks of ``block`` steps each (so both
-    see the same machine speed); every rank runs the same steps. Returns per-step seconds of both and
-    ``overhead`` = median(tracked) / median(untracked) - 1."""
+    see the same machine speed); every rank runs the same steps. Returns per-step seconds of both,
+    ``overhead`` = median(tracked) / median(untracked) - 1, and ``marking_s`` (:func:`_marking_alone`) with
+    ``marking_bound`` = marking_s / median(untracked)."""
     import tensorflow as tf
 
     from wd_sok import changes, steps

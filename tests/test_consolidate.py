@@ -143,7 +143,7 @@ def write_sim(tmp: Path, world: int, step: int, kind: str) -> None:
                                                            1))
                 changes.set_changed(state.var, var_rows)
         files: dict = {}
-        write = (lambda s: delta.write_rows(folder, s, r, world, files)) if kind == "delta" else (  # noqa: B023
+        write = (lambda s: delta.write_tables(folder, [s], r, world, files)[s.key]) if kind == "delta" else (  # noqa: B023
             lambda s: writer._write_table(folder, s, rt, files))  # noqa: B023
         records.append({"rank": r, "files": files, "error": "",
                         "tables": {s.key: write(s) for s in table_states(model, wo, do)}})

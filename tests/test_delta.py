@@ -103,7 +103,7 @@ def write_ranks(tmp: Path, world: int, fill) -> None:  # noqa: ANN001
         if fill:
             fill(r, model, wo, do)
         files: dict = {}
-        write = (lambda s: delta.write_rows(folder, s, r, world, files)) if fill else (  # noqa: B023
+        write = (lambda s: delta.write_tables(folder, [s], r, world, files)[s.key]) if fill else (  # noqa: B023
             lambda s: writer._write_table(folder, s, rt, files))  # noqa: B023
         records.append({"rank": r, "files": files, "error": "",
                         "tables": {s.key: write(s) for s in table_states(model, wo, do)}})

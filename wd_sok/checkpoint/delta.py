@@ -124,12 +124,16 @@ def bases_needed(folders: list[Path]) -> set[str]:
     return needed
 
 
+def _nbytes(shape: tuple[int, ...], dtype: type) -> int:
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
 def _put(folder: Path, name: str, shape: tuple[int, ...], dtype: type, blocks: Any) -> dict[str, int]:
     """One .npy file from ``blocks`` (pieces written in order, each while the next is gathered when the file
     spans more than one; a one-piece file is written directly: no writer thread), fsynced; its entry."""
     header = io.BytesIO()
     write_npy_header(header, shape, dtype)
-    behind = int(np.prod(shape)) * np.dtype(dtype).itemsize > PIECE_BYTES
+    behind = _nbytes(shape, dtype) > PIECE_BYTES
     with open_sequential(folder / name) as f:  # the full writer's path (O_DIRECT, CRC32; URLs: multipart)
         f.write(header.getvalue())
         for block in blocks:
@@ -145,7 +149,7 @@ def _put_all(folder: Path, puts: list[tuple[str, tuple[int, ...], type, Any]], f
     go one at a time, as the full writer's do (one part buffered per upload). ``files`` gets each file's
     entry, in ``puts`` order."""
     workers = 1 if is_object_path(folder) else min(PARALLEL_FILES, len(puts)) or 1
-    order = sorted(range(len(puts)), key=lambda i: -int(np.prod(puts[i][1])) * np.dtype(puts[i][2]).itemsize)
+    order = sorted(range(len(puts)), key=lambda i: -_nbytes(*puts[i][1:3]))
     with ThreadPoolExecutor(workers) as pool:  # biggest first: the threads end together
         done = {i: pool.submit(_put, folder, *puts[i]) for i in order}
         for i, (name, *_) in enumerate(puts):
@@ -207,11 +211,6 @@ def write_tables(folder: Path, tables: list[State], rank: int, world: int, files
         planned = list(pool.map(plan, tables))
     _put_all(folder, [put for _, more in planned for put in more], files)
     return {state.key: shard for state, (shard, _) in zip(tables, planned, strict=True)}
-
-
-def write_rows(folder: Path, state: TableState, rank: int, world: int, files: dict) -> dict[str, Any]:
-    """This rank's changed rows of one fixed table (:func:`write_tables` of one): its shard record."""
-    return write_tables(folder, [state], rank, world, files)[state.key]
 
 
 # ---------------------------------------------------------------------------------------------- restore

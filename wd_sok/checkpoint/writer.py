@@ -1,8 +1,9 @@
 """Collective save of a sharded checkpoint: every rank streams its own rows; rank 0 adds the rest and commits.
 
 Memory: besides the variables themselves, a rank holds one block (:func:`~wd_sok.checkpoint.format.block_rows`,
-about 32 MiB) of one array at a time (a delta: one per file in flight, :data:`~wd_sok.checkpoint.delta.
-PARALLEL_FILES`); rank 0 also holds the replicated dense state (the MLP and its slots).
+about 32 MiB) of one array at a time (a delta: two 2 MiB pieces per file in flight, up to
+:data:`~wd_sok.checkpoint.delta.PARALLEL_FILES` files); rank 0 also holds the replicated dense state (the MLP
+and its slots).
 I/O: each rank writes ``rows x dim x 4`` bytes per array (values and every slot) of the rows it saves, in
 parallel with the others. Collectives: one agreement that the folder exists, one gather of the per-rank file
 records, one broadcast of the outcome; every rank makes the same calls whatever happens locally.
